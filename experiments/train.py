@@ -1,0 +1,296 @@
+r"""Trains a multimodal model with one of the methods of DESIGN.md §4, then evaluates it.
+
+  python -m experiments.train --config=experiments/configs/default.py:digits --workdir=/tmp/mi
+  python -m experiments.train --config=experiments/configs/default.py:synthetic \
+      --config.method=moddrop --config.seed=1 --workdir=/tmp/mi_syn
+
+Writes config.json, metrics.jsonl, checkpoints/ (orbax) and eval.json into --workdir. A rerun with
+the same --workdir resumes from the latest checkpoint.
+"""
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import data_pipelines
+import grain.checkpoint as grain_ckpt
+from experiments import config_lib, eval_lib, io_lib
+from modalimmune_jax import methods
+from modalimmune_jax.model import create_model, make_apply_fns
+from modalimmune_jax.spectral import spectral_collapse
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
+
+# Large enough that optax.apply_if_finite never applies a non-finite update itself: the loop
+# aborts first, at config.optimizer.max_consecutive_nonfinite, with the last finite params saved.
+_NEVER = 2**30
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite updates."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir can be read."""
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """adamw with warmup-cosine, global-norm clipping, and non-finite updates skipped."""
+    opt = config.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.lr, warmup_steps=min(opt.warmup_steps, config.num_steps),
+        decay_steps=config.num_steps, end_value=opt.lr * opt.end_lr_factor)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, weight_decay=opt.weight_decay))
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
+
+
+def make_mesh():
+    """A 1-D data-parallel mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def make_put_fn(data_sharding):
+    """Host batch (this process's rows) -> global jax arrays sharded on the batch axis."""
+
+    def put(batch):
+        return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+                for k, v in batch.items()}
+
+    return put
+
+
+def setup(config, workdir):
+    """Validates the config and builds the data, model and pure functions shared with evaluate."""
+    config_lib.validate_config(config, methods=methods.METHODS)
+    data_dir = config.dataset.data_dir or os.path.join(workdir, "data")
+    info = data_pipelines.prepare(config.dataset, data_dir=data_dir)
+    if config.batch_size > info.split_sizes["train"]:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the training split "
+            f"({info.split_sizes['train']} examples)")
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    for name in ("batch_size", "eval.batch_size"):
+        value = config_lib._get(config, name)
+        if value % n_dev or value % n_proc:
+            raise config_lib.ConfigError(
+                f"config.{name}={value} must be divisible by the device count ({n_dev}) and "
+                f"the process count ({n_proc}) for data-parallel training")
+
+    def build(rng):
+        return create_model(info, config.model, rngs=nnx.Rngs(params=rng))
+
+    abstract_model = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    apply_fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+    return info, data_dir, build, apply_fns
+
+
+def init_checkpoint_manager(workdir, config):
+    return ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=False),
+        item_names=("state", "data", "meta"))
+
+
+def restore_latest(mngr, abstract_state, data_iter):
+    """Restores the newest readable checkpoint; falls back past corrupt ones with a warning.
+
+    Returns ``(state, meta)`` or ``(None, None)`` when there is no checkpoint.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain_ckpt.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore()))
+            return restored["state"], restored["meta"]
+        except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint gets the same fallback
+            logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
+                            step, type(e).__name__, e)
+    if steps:
+        raise CheckpointError(f"no readable checkpoint among steps {steps} in {mngr.directory}; "
+                           "move the workdir aside to start over")
+    return None, None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs training to ``config.num_steps`` (resuming if possible) and returns eval.json's body."""
+    # 1. Workdir and logging.
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    config_lib.validate_config(config, methods=methods.METHODS)
+    config_lib.check_workdir_compatible(config_path, config)
+
+    # 2. Mesh: batch sharded on `data`, params replicated.
+    mesh = make_mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    put = make_put_fn(data_sharding)
+
+    # 3. Input pipeline.
+    info, data_dir, build_model, apply_fns = setup(config, workdir)
+    if is_main:
+        io_lib.atomic_write_json(config_path, config.to_dict())
+    train_loader = data_pipelines.make_loader(
+        config.dataset, "train", data_dir=data_dir,
+        batch_size=config.batch_size // jax.process_count(), seed=config.seed, shuffle=True,
+        num_epochs=None, drop_remainder=True, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+    train_iter = iter(train_loader)
+    valid_arrays = data_pipelines.load_split(config.dataset, "valid", data_dir=data_dir)
+    test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=data_dir)
+
+    # 4. Model and optimizer, as abstract shapes first.
+    rng = jax.random.key(config.seed)
+    rng_init, rng_loop = jax.random.split(rng)
+    del rng
+    tx, schedule = make_optimizer(config)
+    loss_fn = methods.make_loss_fn(config.method, apply_fns, info=info, config=config)
+
+    def init_fn(rng_init):
+        params = nnx.state(build_model(rng_init), nnx.Param)
+        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_fn, rng_init)
+
+    # 5. Initialise directly into the replicated layout.
+    train_state = jax.jit(init_fn, out_shardings=replicated)(rng_init)
+    best_params = train_state["params"]
+
+    # 6. The update step.
+    def train_step(train_state, batch):
+        step = train_state["step"]
+        rng_step = jax.random.fold_in(rng_loop, step)
+        params = train_state["params"]
+        (loss, meas), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng_step)
+        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        meas.update(
+            loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            lr=schedule(step), skipped=1 - opt_state.last_finite.astype(jnp.int32),
+            consecutive_skips=opt_state.notfinite_count,
+            total_skips=opt_state.total_notfinite)
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state}, meas
+
+    train_step = jax.jit(train_step, donate_argnums=(0,),
+                         in_shardings=(replicated, data_sharding),
+                         out_shardings=(replicated, replicated))
+
+    # 7. Restore: the workdir's own latest checkpoint, else from scratch.
+    mngr = init_checkpoint_manager(workdir, config)
+    abstract_ckpt = {"train": abstract_state, "best_params": abstract_state["params"]}
+    abstract_ckpt = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_ckpt)
+    restored, meta = restore_latest(mngr, abstract_ckpt, train_iter)
+    meta = meta or {"best_value": None, "best_step": None}
+    if restored is not None:
+        train_state, best_params = restored["train"], restored["best_params"]
+        logging.info("resumed from step %d", int(train_state["step"]))
+    start_step = int(train_state["step"])
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_main:
+        io_lib.truncate_jsonl(metrics_path, max_step=start_step)
+
+    # 8. Evaluators.
+    evaluator = eval_lib.Evaluator(apply_fns.apply, info, batch_size=config.eval.batch_size,
+                                   put_fn=put)
+
+    def save(step):
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"train": train_state, "best_params": best_params}),
+            data=grain_ckpt.CheckpointSave(train_iter),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    # 9. The loop.
+    log_file = open(metrics_path, "a") if is_main else None  # noqa: SIM115
+    t0 = time.time()
+    try:
+        for step in tqdm(range(start_step, config.num_steps), initial=start_step,
+                         total=config.num_steps, disable=not is_main, desc="train",
+                         dynamic_ncols=True):
+            batch = put(next(train_iter))
+            train_state, meas = train_step(train_state, batch)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                record = {k: float(v) for k, v in jax.device_get(meas).items()}
+                record.update(step=done, elapsed_s=time.time() - t0)
+                if is_main:
+                    log_file.write(io_lib.json_line(record))
+                    log_file.flush()
+                if record["consecutive_skips"] >= config.optimizer.max_consecutive_nonfinite:
+                    save(done)
+                    raise TrainingDiverged(
+                        f"{int(record['consecutive_skips'])} consecutive non-finite updates at "
+                        f"step {done}; the last finite params are checkpointed in {workdir}. "
+                        "Lower config.optimizer.lr or check the data for NaN/inf.")
+            if done % config.eval_every == 0 or done == config.num_steps:
+                valid = evaluator.full(train_state["params"], valid_arrays)
+                value = evaluator.primary(valid)
+                improved = evaluator.is_better(value, meta["best_value"])
+                if improved:
+                    meta = {"best_value": value, "best_step": done}
+                    best_params = jax.tree.map(jnp.copy, train_state["params"])
+                if is_main:
+                    log_file.write(io_lib.json_line(
+                        {"step": done, **{f"valid/{k}": v for k, v in valid.items()},
+                         "valid/best": meta["best_value"]}))
+                    log_file.flush()
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                save(done)
+    finally:
+        if log_file is not None:
+            log_file.close()
+        mngr.wait_until_finished()
+
+    # Final evaluation of the best-on-valid params on test.
+    results = eval_lib.final_evaluation(evaluator, best_params, test_arrays)
+    results["best_step"] = meta["best_step"]
+    results["valid_best"] = meta["best_value"]
+    if is_main:
+        io_lib.atomic_write_json(os.path.join(workdir, "eval.json"), results)
+    return results
+
+
+def run_cli(fn):
+    """Runs `fn`, turning bad input into a one-line error and exit code 2 (no traceback).
+
+    Set MODALIMMUNE_DEBUG=1 to see the traceback instead.
+    """
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as e:
+        if os.environ.get("MODALIMMUNE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -102,6 +102,22 @@ def setup(config, workdir):
     return info, data_dir, build, apply_fns
 
 
+def make_init_fn(build_model, tx):
+    """``init_fn(rng_init) -> train_state``, pure, for ``jax.eval_shape`` and ``jax.jit``."""
+
+    def init_fn(rng_init):
+        params = nnx.state(build_model(rng_init), nnx.Param)
+        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+
+    return init_fn
+
+
+def abstract_checkpoint(abstract_state, sharding):
+    """The checkpointed pytree's shapes: the train state plus the best-on-valid params."""
+    tree = {"train": abstract_state, "best_params": abstract_state["params"]}
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def init_checkpoint_manager(workdir, config):
     return ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
@@ -167,10 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx, schedule = make_optimizer(config)
     loss_fn = methods.make_loss_fn(config.method, apply_fns, info=info, config=config)
 
-    def init_fn(rng_init):
-        params = nnx.state(build_model(rng_init), nnx.Param)
-        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
-
+    init_fn = make_init_fn(build_model, tx)
     abstract_state = jax.eval_shape(init_fn, rng_init)
 
     # 5. Initialise directly into the replicated layout.
@@ -198,9 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # 7. Restore: the workdir's own latest checkpoint, else from scratch.
     mngr = init_checkpoint_manager(workdir, config)
-    abstract_ckpt = {"train": abstract_state, "best_params": abstract_state["params"]}
-    abstract_ckpt = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_ckpt)
+    abstract_ckpt = abstract_checkpoint(abstract_state, replicated)
     restored, meta = restore_latest(mngr, abstract_ckpt, train_iter)
     meta = meta or {"best_value": None, "best_step": None}
     if restored is not None:

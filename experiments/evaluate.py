@@ -1,0 +1,62 @@
+r"""Re-evaluates the best-on-valid params of a workdir's latest checkpoint and rewrites eval.json.
+
+  python -m experiments.evaluate --workdir=/tmp/mi
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data_pipelines
+from experiments import eval_lib, io_lib, train
+from experiments.config_lib import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
+
+
+def evaluate(workdir: str) -> dict:
+    """Restores the latest checkpoint in `workdir`, evaluates on test, writes eval.json."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"--workdir={workdir}: no config.json; is it a training workdir?")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    mesh = train.make_mesh()
+    replicated = NamedSharding(mesh, P())
+    info, data_dir, build_model, apply_fns = train.setup(config, workdir)
+    tx, _ = train.make_optimizer(config)
+    init_fn = train.make_init_fn(build_model, tx)
+    abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), replicated)
+    mngr = train.init_checkpoint_manager(workdir, config)
+    step = mngr.latest_step()
+    if step is None:
+        raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    put = train.make_put_fn(NamedSharding(mesh, P("data")))
+    evaluator = eval_lib.Evaluator(apply_fns.apply, info, batch_size=config.eval.batch_size,
+                                   put_fn=put)
+    test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=data_dir)
+    results = eval_lib.final_evaluation(evaluator, restored["state"]["best_params"], test_arrays)
+    results["best_step"] = restored["meta"]["best_step"]
+    results["valid_best"] = restored["meta"]["best_value"]
+    if jax.process_index() == 0:
+        io_lib.atomic_write_json(os.path.join(workdir, "eval.json"), results)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    train.run_cli(lambda: evaluate(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

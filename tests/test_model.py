@@ -1,0 +1,118 @@
+"""The fusion model: shapes per encoder/fusion/task, length and presence masking, the collapse hook."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from modalimmune_jax import losses
+from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.model import collapse_target, create_model, make_apply_fns
+
+
+class _Info:
+    modalities = ("text", "audio", "vec")
+    feature_shapes = {"text": (6, 5), "audio": (4, 3), "vec": (7,)}
+
+
+def _build(task="classification", encoder="mlp", fusion="concat", num_classes=3):
+    info = _Info()
+    info.task, info.num_classes = task, num_classes
+    cfg = ml_collections.ConfigDict(dict(encoder=encoder, fusion=fusion, d=8, d_h=12,
+                                         num_heads=2))
+    model = create_model(info, cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return make_apply_fns(graphdef, collapse_fn=lambda z, s, g: jnp.zeros_like(z)), params
+
+
+def _batch(b=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "text": jnp.asarray(rng.normal(size=(b, 6, 5)), jnp.float32),
+        "audio": jnp.asarray(rng.normal(size=(b, 4, 3)), jnp.float32),
+        "vec": jnp.asarray(rng.normal(size=(b, 7)), jnp.float32),
+        "lengths": jnp.asarray([[6, 4, 1], [3, 2, 1], [1, 4, 1], [6, 1, 1]][:b], jnp.int32),
+        "mask": jnp.ones((b, 3), jnp.float32),
+        "label": jnp.zeros((b,), jnp.int32),
+    }
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "conv", "transformer"])
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_shapes(encoder, fusion):
+    fns, params = _build(encoder=encoder, fusion=fusion)
+    out = jax.jit(fns.apply)(params, _batch())
+    chex.assert_shape(out["z"], (4, 3, 8))
+    chex.assert_shape(out["h"], (4, 12))
+    chex.assert_shape(out["preds"], (4, 3))
+    chex.assert_shape(out["recon"], [(4, 5), (4, 3), (4, 7)])
+    chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("task,shape", [("regression", (4,)), ("multilabel", (4, 4, 2))])
+def test_heads(task, shape):
+    fns, params = _build(task=task, num_classes=4)
+    chex.assert_shape(fns.apply(params, _batch())["preds"], shape)
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "conv", "transformer"])
+def test_padding_beyond_length_is_ignored(encoder):
+    fns, params = _build(encoder=encoder)
+    batch = _batch()
+    # Row 1 has text length 3: garbage after step 3 must not change anything.
+    poisoned = dict(batch, text=batch["text"].at[1, 3:].set(1e3))
+    chex.assert_trees_all_close(fns.apply(params, batch)["preds"],
+                                fns.apply(params, poisoned)["preds"], atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_mask_protocol_removes_the_modality(fusion):
+    fns, params = _build(fusion=fusion)
+    batch = _batch()
+    keep = jnp.array([1.0, 0.0, 1.0])
+    told = drop_modalities(batch, keep, modalities=_Info.modalities, set_mask=True)
+    other = dict(told, audio=jnp.full_like(told["audio"], 7.0))  # the removed features differ
+    chex.assert_trees_all_close(fns.apply(params, told)["preds"],
+                                fns.apply(params, other)["preds"], atol=1e-5)
+    # Under `zero` the mask stays 1 and zero-filled features still reach the fusion.
+    assert not np.allclose(fns.apply(params, batch)["preds"], fns.apply(params, told)["preds"])
+
+
+def test_collapse_target_replaces_only_the_target():
+    z = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+    out = collapse_target(z, jnp.array([0.0, 1.0, 0.0]), 1.0, 0.0,
+                          collapse_fn=lambda zm, s, g: -zm)
+    np.testing.assert_array_equal(out[:, 1], -z[:, 1])
+    np.testing.assert_array_equal(out[:, [0, 2]], z[:, [0, 2]])
+    np.testing.assert_array_equal(
+        collapse_target(z, jnp.zeros(3), 1.0, 0.0, collapse_fn=lambda zm, s, g: -zm), z)
+
+
+def test_apply_with_interventions_uses_collapse():
+    fns, params = _build()
+    batch = _batch()
+    out = fns.apply(params, batch, interventions={"target": jnp.array([1.0, 0.0, 0.0]),
+                                                  "strength": 1.0, "gamma": 0.0})
+    np.testing.assert_array_equal(out["z"][:, 0], 0.0)  # the stub collapse returns zeros
+
+
+def test_losses_by_hand():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    labels = jnp.array([0, 0])
+    expected = -np.log(np.exp([2.0, 0.0]) / (np.exp([2.0, 0.0]) + np.exp([0.0, 1.0])))
+    np.testing.assert_allclose(losses.task_loss(logits, labels, task="classification"),
+                               expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.task_loss(jnp.array([1.0, -2.0]), jnp.array([0.5, 0.0]), task="regression"),
+        [0.5, 2.0])
+    np.testing.assert_allclose(
+        losses.task_loss(jnp.array([1.0, -2.0]), jnp.array([0.5, 0.0]), task="regression",
+                         regression_loss="mse"), [0.25, 4.0])
+    # Pooled targets respect lengths: row 1 of text averages its first 3 steps only.
+    batch = _batch()
+    pooled = losses.pooled_features(batch, _Info.modalities)
+    np.testing.assert_allclose(pooled[0][1], np.asarray(batch["text"][1, :3]).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(pooled[2], batch["vec"])

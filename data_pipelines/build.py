@@ -1,0 +1,47 @@
+"""Builds a dataset ahead of time (the TFDS ``tfds build`` CLI needs TensorFlow; this does not).
+
+Usage::
+
+  python -m data_pipelines.build --dataset=cmu_mosi --manual_dir=/data/MOSI/Processed \
+      --data_dir=/data/tfds [--layout=auto] [--max_len=0]
+  python -m data_pipelines.build --dataset=synthetic --data_dir=/data/tfds
+
+``--manual_dir`` is the folder (or file) holding the user's files: the published pickles for
+cmu_mosi / cmu_mosei / iemocap, or the npz folder; it is ``config.dataset.path`` in a training
+config. A later run with the same dataset, files, layout and max_len reuses the build. Synthetic
+builds use the default knobs (data_pipelines/synthetic.py) unless overridden by the flags below.
+"""
+
+import dataclasses
+import json
+
+import ml_collections
+from absl import app, flags
+
+from data_pipelines.pipeline import SOURCES, prepare
+
+_DATASET = flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Dataset to build.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder (or file) with the user's data files.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.")
+_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "mmsa_aligned", "mmsa_unaligned", "mult"],
+                            "Pickle layout for cmu_mosi / cmu_mosei / iemocap.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "Pad/truncate sequences to this T; 0 keeps stored T.")
+_TASK = flags.DEFINE_enum("task", None, ["classification", "regression"], "synthetic only.")
+_DATA_SEED = flags.DEFINE_integer("data_seed", None, "synthetic only.")
+flags.mark_flags_as_required(["dataset", "data_dir"])
+
+
+def main(argv):
+    del argv
+    cfg = {"name": _DATASET.value, "path": _MANUAL_DIR.value, "layout": _LAYOUT.value,
+           "max_len": _MAX_LEN.value}
+    if _TASK.value is not None:
+        cfg["task"] = _TASK.value
+    if _DATA_SEED.value is not None:
+        cfg["data_seed"] = _DATA_SEED.value
+    info = prepare(ml_collections.ConfigDict(cfg), data_dir=_DATA_DIR.value)
+    print(json.dumps(dataclasses.asdict(info), indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,283 @@
+"""The public data API: `prepare`, `make_loader`, `load_split` and `DatasetInfo` (DESIGN.md §6).
+
+`prepare` turns a ``config.dataset`` block into a built TFDS array_record dataset under
+``data_dir`` (building it on first use) and describes it. `make_loader` batches a split with grain
+(seeded shuffle, epochs, per-host sharding, a checkpointable iterator); `load_split` returns a whole
+split as numpy arrays for evaluation. Every element has the batch format of DESIGN.md §2:
+
+- one float32 array per modality, ``[T_m, D_m]`` (sequence) or ``[D_m]`` (vector);
+- ``"lengths"`` ``[M] int32``: valid timesteps per modality after pad/truncate (1 for vectors);
+- ``"mask"`` ``[M] float32``: all ones (every modality is present in the data);
+- ``"label"``: ``[] int32`` (classification), ``[] float32`` (regression, sentiment) or
+  ``[K] int32`` in {0, 1} (multilabel, IEMOCAP).
+
+``config.dataset.max_len`` > 0 zero-pads or truncates (keeping the first steps) every sequence
+modality to that many timesteps; 0 keeps the stored length (padding to the longest split if the
+splits differ).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from data_pipelines import affect, digits, npz, storage, synthetic
+from data_pipelines._common import SPLITS, SourceData
+
+# Bump when the stored format or any source's conversion changes, so old builds are not reused.
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know about a built dataset.
+
+    Attributes:
+      name: the dataset name from the config.
+      modalities: modality names; their order is the column order of ``batch["mask"]`` and
+        ``batch["lengths"]``.
+      feature_shapes: per modality, ``(T, D)`` for sequences or ``(D,)`` for vectors, after
+        pad/truncate.
+      task: "classification" | "regression" | "multilabel".
+      num_classes: classification C; regression 1; multilabel K (IEMOCAP: 4, each 2-way).
+      metric_family: "classification" | "regression" | "sentiment" (MOSI/MOSEI) | "iemocap".
+      split_sizes: ``{"train": N, "valid": N, "test": N}``.
+      label_names: multilabel target names (IEMOCAP: Neutral, Happy, Sad, Angry), else ().
+    """
+
+    name: str
+    modalities: tuple[str, ...]
+    feature_shapes: dict[str, tuple[int, ...]]
+    task: str
+    num_classes: int
+    metric_family: str
+    split_sizes: dict[str, int]
+    label_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    identity: Any  # dataset_cfg -> dict; cheap (stats files at most)
+    load: Any  # dataset_cfg -> SourceData; reads and checks the user's files
+
+
+SOURCES = {
+    "synthetic": _Source(synthetic.identity, synthetic.load),
+    "digits": _Source(digits.identity, digits.load),
+    "npz": _Source(npz.identity, npz.load),
+    **{
+        name: _Source(functools.partial(affect.identity, name=name),
+                      functools.partial(affect.load, name=name))
+        for name in affect.NAMES
+    },
+}
+
+
+def _source(dataset_cfg) -> tuple[str, _Source]:
+    name = dataset_cfg.get("name", None)
+    if name not in SOURCES:
+        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; "
+                         f"expected one of {sorted(SOURCES)}")
+    return name, SOURCES[name]
+
+
+def _max_len(dataset_cfg) -> int:
+    max_len = dataset_cfg.get("max_len", 0) or 0
+    if int(max_len) != max_len or max_len < 0:
+        raise ValueError(f"config.dataset.max_len must be an integer >= 0, got {max_len!r}")
+    return int(max_len)
+
+
+def identity(dataset_cfg) -> tuple[str, dict[str, Any]]:
+    """The build's config name and the identity it hashes: everything that changes stored data."""
+    name, source = _source(dataset_cfg)
+    max_len = _max_len(dataset_cfg)
+    ident = {"dataset": name, "format": FORMAT_VERSION, "max_len": max_len,
+             **source.identity(dataset_cfg)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    tag = ident.get("tag", "default")
+    return f"{tag}-len{max_len}-{digest}", ident
+
+
+def fit_lengths(src: SourceData, max_len: int) -> SourceData:
+    """Zero-pads or truncates every sequence modality to a common T and caps the lengths.
+
+    T is `max_len` if positive, else the longest stored T over the splits. Truncation keeps the
+    first T steps: the published files pad at the end, so the start holds the data.
+    """
+    splits = {s: dict(a) for s, a in src.splits.items()}
+    for i, m in enumerate(src.modalities):
+        if splits["train"][m].ndim != 3:
+            continue
+        t = max_len or max(a[m].shape[1] for a in splits.values())
+        for arrays in splits.values():
+            x = arrays[m][:, :t]
+            arrays[m] = np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+            lengths = arrays["lengths"].copy()
+            lengths[:, i] = np.minimum(lengths[:, i], t)
+            arrays["lengths"] = lengths
+    return dataclasses.replace(src, splits=splits)
+
+
+def _open(dataset_cfg, data_dir: str) -> tuple[DatasetInfo, tfds.core.DatasetBuilder]:
+    name, source = _source(dataset_cfg)
+    config_name, ident = identity(dataset_cfg)
+    path = storage.build_path(data_dir, name, config_name)
+    if not storage.is_built(path):
+        logging.info("Building %s into %s", name, path)
+        # All user-facing checks run here, before anything is written to data_dir.
+        src = fit_lengths(source.load(dataset_cfg), ident["max_len"])
+        storage.write(src, ident, data_dir=data_dir, name=name, config_name=config_name)
+    builder = storage.open_built(path)
+    return _describe(name, builder, path), builder
+
+
+def _describe(name: str, builder: tfds.core.DatasetBuilder, path: str) -> DatasetInfo:
+    """DatasetInfo from a built dataset, checking that the build is whole."""
+    try:
+        meta = builder.info.metadata
+        modalities = tuple(meta["modalities"])
+        features = builder.info.features
+        info = DatasetInfo(
+            name=name,
+            modalities=modalities,
+            feature_shapes={m: tuple(features[m].shape) for m in modalities},
+            task=meta["task"],
+            num_classes=int(meta["num_classes"]),
+            metric_family=meta["metric_family"],
+            split_sizes={s: int(builder.info.splits[s].num_examples) for s in SPLITS},
+            label_names=tuple(meta["label_names"]),
+        )
+        ok = tuple(features["lengths"].shape) == (len(modalities),) and "label" in features
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: built dataset is unreadable ({e!r}); delete it to rebuild") from e
+    if not ok or min(info.split_sizes.values()) <= 0:
+        raise ValueError(f"{path}: built dataset is inconsistent ({info}); delete it to rebuild")
+    return info
+
+
+def prepare(dataset_cfg, *, data_dir: str) -> DatasetInfo:
+    """Builds the dataset into `data_dir` on first use, checks it, and describes it.
+
+    The first call reads and checks the user's files (raising ValueError naming the file, split,
+    key and offending value), then writes the TFDS dataset atomically: built in a temp folder and
+    renamed into place, so a failed build leaves nothing half-written. Later calls with the same
+    identity only stat the source files and read the build's JSON.
+
+    Args:
+      dataset_cfg: the ``config.dataset`` ConfigDict (``name``, ``path``, ``layout``, ``max_len``,
+        and the synthetic knobs).
+      data_dir: folder holding built datasets (created if needed).
+
+    Returns:
+      The DatasetInfo of the built dataset.
+    """
+    return _open(dataset_cfg, data_dir)[0]
+
+
+class _ToBatchFormat(grain.transforms.Map):
+    """Casts a decoded record to the batch format and adds the all-ones presence mask."""
+
+    def __init__(self, modalities: tuple[str, ...], label_dtype: str):
+        self._modalities = tuple(modalities)
+        self._label_dtype = label_dtype
+
+    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = {m: np.asarray(element[m], np.float32) for m in self._modalities}
+        out["lengths"] = np.asarray(element["lengths"], np.int32)
+        out["mask"] = np.ones((len(self._modalities),), np.float32)
+        # TFDS decodes scalars to Python int/float, which would stack as int64/float64.
+        out["label"] = np.asarray(element["label"], self._label_dtype)
+        return out
+
+
+def _to_batch_format(info: DatasetInfo) -> _ToBatchFormat:
+    label_dtype = "float32" if info.task == "regression" else "int32"
+    return _ToBatchFormat(info.modalities, label_dtype)
+
+
+def _data_source(builder, info: DatasetInfo, split: str):
+    if split not in info.split_sizes:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(info.split_sizes)}")
+    return builder.as_data_source(split=split)
+
+
+def make_loader(
+    dataset_cfg,
+    split: str,
+    *,
+    data_dir: str,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    drop_remainder: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.DataLoader:
+    """A grain DataLoader over one split of the built dataset.
+
+    Sharding splits the records into `shard_count` contiguous blocks (grain `ShardOptions`); this
+    host reads block `shard_index`, shuffled within the block by `seed` each epoch. With
+    `drop_remainder` the blocks are also made equal, so every host yields the same number of
+    batches; without it the shards partition the split exactly.
+
+    Args:
+      dataset_cfg: the ``config.dataset`` ConfigDict; ``worker_count`` (default 0) sets grain's
+        worker processes.
+      split: "train" | "valid" | "test".
+      data_dir: as in `prepare` (the dataset is built here if needed).
+      batch_size: per-host batch size B.
+      seed: non-negative 32-bit shuffle seed.
+      shuffle: shuffle records (differently each epoch).
+      num_epochs: passes over the shard; None repeats forever.
+      drop_remainder: drop the last incomplete batch (and unequal shard remainders).
+      shard_index: this host's shard, in [0, shard_count).
+      shard_count: number of hosts reading disjoint shards.
+
+    Returns:
+      A grain.DataLoader; ``iter(loader)`` is grain's checkpointable iterator
+      (``get_state()`` / ``set_state()``) yielding batches with a leading ``[B]`` axis.
+    """
+    info, builder = _open(dataset_cfg, data_dir)
+    source = _data_source(builder, info, split)
+    shard_options = grain.sharding.ShardOptions(
+        shard_index=shard_index, shard_count=shard_count, drop_remainder=drop_remainder
+    )
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=shard_options,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[
+            _to_batch_format(info),
+            grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
+        ],
+        worker_count=int(dataset_cfg.get("worker_count", 0) or 0),
+        shard_options=shard_options,
+    )
+
+
+def load_split(dataset_cfg, split: str, *, data_dir: str) -> dict[str, np.ndarray]:
+    """One whole split, stacked, in the batch format (for evaluation).
+
+    Returns:
+      Each modality ``[N, T_m, D_m]`` or ``[N, D_m]`` float32; ``lengths`` ``[N, M] int32``;
+      ``mask`` ``[N, M] float32`` ones; ``label`` ``[N]`` or ``[N, K]``; in stored (source) order.
+    """
+    info, builder = _open(dataset_cfg, data_dir)
+    source = _data_source(builder, info, split)
+    to_batch = _to_batch_format(info)
+    records = [to_batch.map(r) for r in source.__getitems__(list(range(len(source))))]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}

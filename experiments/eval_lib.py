@@ -1,46 +1,114 @@
-"""The evaluation that `train` runs at the end and `evaluate` re-runs: metrics on a whole split."""
+"""The evaluation that `train` runs at the end and `evaluate` re-runs (DESIGN.md §5, §7).
 
+``eval.json`` keys:
+- ``full``: metrics with every modality present;
+- ``missing``: per non-empty proper subset, named by the kept modalities (``"text+audio"``), under
+  the default `zero` protocol; ``missing_mask``: the same under the `mask` protocol;
+- ``missing_avg`` / ``missing_avg_mask``: the mean of each metric over those conditions;
+- ``random_missing``: per rate r in 0.0..0.7 (each modality of each sample dropped independently,
+  at least one kept; `zero` protocol);
+- ``corruption``: per modality, ``gaussian`` and ``timestep_drop`` at levels 0.0..0.9;
+- ``robustness``: relative robustness (area under the curve of the task's curve metric) of every
+  curve above; effective robustness needs a reference (erm) curve, which `reproduce` supplies;
+- ``reconstruction``: R² per modality with the input clean, and with that modality collapsed to
+  its batch mean (so the decoder must rebuild it from the others).
+"""
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from modalimmune_jax import metrics
-from modalimmune_jax.evaluation import make_predict_fn, predict_split
+from modalimmune_jax import losses, metrics, robustness
+from modalimmune_jax.evaluation import iterate_batches, make_predict_fn, predict_split
 from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.model import collapse_target
+from modalimmune_jax.spectral import spectral_collapse
+
+MISSING_RATES = tuple(round(0.1 * i, 1) for i in range(8))  # 0.0 .. 0.7
+CORRUPTION_LEVELS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
+CORRUPTIONS = ("gaussian", "timestep_drop")
+# The higher-is-better score whose curve the robustness summaries integrate.
+CURVE_METRIC = {"classification": "acc", "sentiment": "Non0_acc_2", "iemocap": "avg_acc",
+                "regression": "Corr"}
+
+
+def feature_stds(arrays, modalities) -> dict[str, np.ndarray]:
+    """Per-feature std ``[D_m]`` of each modality over valid timesteps of a (training) split."""
+    out = {}
+    for i, m in enumerate(modalities):
+        x = np.asarray(arrays[m], np.float64)
+        if x.ndim == 3:
+            valid = np.arange(x.shape[1])[None, :] < np.maximum(arrays["lengths"][:, i], 1)[:, None]
+            x = x[valid]  # [N, T, D] -> [valid steps, D]
+        out[m] = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
+    return out
 
 
 class Evaluator:
     """Prediction functions compiled once per run, shared by every split and condition."""
 
-    def __init__(self, apply_fn, info, *, batch_size, put_fn):
+    def __init__(self, apply_fns, info, *, batch_size, put_fn, feature_std=None, seed=0):
         self.info = info
+        self.apply_fns = apply_fns
         self.batch_size = batch_size
         self.put_fn = put_fn
-        self.clean_fn = make_predict_fn(apply_fn)
+        self.feature_std = feature_std
+        self.key = jax.random.key(seed)
+        mods = info.modalities
+        self.clean_fn = make_predict_fn(apply_fns.apply)
 
         def remove(batch, keep, set_mask):
             # set_mask is an array, not a Python bool, so both protocols share one compilation.
-            zero = drop_modalities(batch, keep, modalities=info.modalities, set_mask=False)
-            told = drop_modalities(batch, keep, modalities=info.modalities, set_mask=True)
+            zero = drop_modalities(batch, keep, modalities=mods, set_mask=False)
+            told = drop_modalities(batch, keep, modalities=mods, set_mask=True)
             return {**zero, "mask": jnp.where(set_mask > 0, told["mask"], zero["mask"])}
 
-        self.missing_fn = make_predict_fn(apply_fn, remove)
+        def random_missing(batch, rate, key):
+            keep = robustness.random_missing_keep(key, batch["mask"].shape[0], len(mods), rate)
+            return drop_modalities(batch, keep, modalities=mods, set_mask=False)
+
+        self.missing_fn = make_predict_fn(apply_fns.apply, remove)
+        self.random_missing_fn = make_predict_fn(apply_fns.apply, random_missing)
+        self.corrupt_fns = {}
+        for m in mods:
+            std = None if feature_std is None else jnp.asarray(feature_std[m])
+            self.corrupt_fns[(m, "gaussian")] = make_predict_fn(
+                apply_fns.apply, lambda b, lvl, key, m=m, std=std: robustness.gaussian_noise(
+                    b, m, lvl, key=key, feature_std=std, modalities=mods))
+            self.corrupt_fns[(m, "timestep_drop")] = make_predict_fn(
+                apply_fns.apply, lambda b, lvl, key, m=m: robustness.timestep_drop(
+                    b, m, lvl, key=key, modalities=mods))
+
+        def recon_r2_terms(params, batch, target):
+            # Sums for R² per modality; target [M] one-hot collapses that modality (zeros: clean).
+            z = apply_fns.encode(params, batch)
+            z = collapse_target(z, target, 1.0, 0.0, collapse_fn=spectral_collapse)
+            h, _ = apply_fns.head(params, z, batch["mask"])
+            recon = apply_fns.reconstruct(params, h)
+            return recon, losses.pooled_features(batch, mods)
+
+        self.recon_fn = jax.jit(recon_r2_terms)
+
+    # --------------------------------------------------------------------------- single numbers
 
     def metrics(self, preds, arrays) -> dict:
         return metrics.compute_metrics(self.info.metric_family, preds, arrays["label"])
 
-    def full(self, params, arrays) -> dict:
-        """Metrics with every modality present."""
-        preds = predict_split(self.clean_fn, params, arrays, batch_size=self.batch_size,
+    def _run(self, fn, params, arrays, *args, key=None) -> dict:
+        preds = predict_split(fn, params, arrays, batch_size=self.batch_size, args=args, key=key,
                               put_fn=self.put_fn)
         return self.metrics(preds, arrays)
 
+    def full(self, params, arrays) -> dict:
+        """Metrics with every modality present."""
+        return self._run(self.clean_fn, params, arrays)
+
     def missing(self, params, arrays, keep, *, protocol: str) -> dict:
         """Metrics with the modalities where ``keep`` ``[M]`` is 0 removed under `protocol`."""
-        if protocol not in ("zero", "mask"):
+        if protocol not in robustness.PROTOCOLS:
             raise ValueError(f"unknown missing-modality protocol {protocol!r}")
-        args = (jnp.asarray(keep, jnp.float32), jnp.float32(protocol == "mask"))
-        preds = predict_split(self.missing_fn, params, arrays, batch_size=self.batch_size,
-                              args=args, put_fn=self.put_fn)
-        return self.metrics(preds, arrays)
+        return self._run(self.missing_fn, params, arrays, jnp.asarray(keep, jnp.float32),
+                         jnp.float32(protocol == "mask"))
 
     def primary(self, results: dict) -> float:
         name, _ = metrics.primary_metric(self.info.metric_family)
@@ -52,7 +120,80 @@ class Evaluator:
             return True
         return new > best if higher_is_better else new < best
 
+    # ----------------------------------------------------------------------------- the protocol
+
+    def reconstruction(self, params, arrays) -> dict:
+        """R² per modality, clean and with that modality collapsed to its batch mean."""
+        mods = self.info.modalities
+        out = {}
+        for name, target in [("clean", np.zeros(len(mods)))] + [
+                (m, np.eye(len(mods))[i]) for i, m in enumerate(mods)]:
+            recons, targets = [[] for _ in mods], [[] for _ in mods]
+            for batch, n_valid in iterate_batches(arrays, self.batch_size):
+                r, t = jax.device_get(self.recon_fn(params, self.put_fn(batch),
+                                                    jnp.asarray(target, jnp.float32)))
+                for i in range(len(mods)):
+                    recons[i].append(np.asarray(r[i])[:n_valid])
+                    targets[i].append(np.asarray(t[i])[:n_valid])
+            r2 = losses.r2_per_modality([np.concatenate(x) for x in recons],
+                                        [np.concatenate(x) for x in targets])
+            if name == "clean":
+                out["clean"] = {m: float(r2[i]) for i, m in enumerate(mods)}
+            else:
+                out.setdefault("collapsed", {})[name] = float(r2[mods.index(name)])
+        return out
+
+    def protocol(self, params, arrays) -> dict:
+        """The whole eval.json body (module docstring) for one split."""
+        mods = self.info.modalities
+        curve = CURVE_METRIC[self.info.metric_family]
+        results = {"full": self.full(params, arrays)}
+        for protocol, suffix in (("zero", ""), ("mask", "_mask")):
+            per = {name: self.missing(params, arrays, keep, protocol=protocol)
+                   for name, keep in robustness.missing_conditions(mods)}
+            results["missing" + suffix] = per
+            results["missing_avg" + suffix] = {
+                k: float(np.mean([v[k] for v in per.values()])) for k in results["full"]}
+        results["random_missing"] = {
+            str(r): self._run(self.random_missing_fn, params, arrays, jnp.float32(r),
+                              key=jax.random.fold_in(self.key, i))
+            for i, r in enumerate(MISSING_RATES)}
+        corruption = {}
+        if self.feature_std is not None:
+            for (m, kind), fn in self.corrupt_fns.items():
+                corruption.setdefault(m, {})[kind] = {
+                    str(lvl): self._run(fn, params, arrays, jnp.float32(lvl),
+                                        key=jax.random.fold_in(self.key, 1000 + j))
+                    for j, lvl in enumerate(CORRUPTION_LEVELS)}
+        results["corruption"] = corruption
+        results["robustness"] = robustness_summary(results, curve)
+        results["reconstruction"] = self.reconstruction(params, arrays)
+        return results
+
+
+def _curve(per_level: dict, metric: str):
+    levels = sorted(per_level, key=float)
+    return [float(x) for x in levels], [per_level[x][metric] for x in levels]
+
+
+def robustness_summary(results: dict, metric: str, reference: dict | None = None) -> dict:
+    """Relative (and, given a reference run's eval.json, effective) robustness of each curve."""
+
+    def summarize(get):
+        levels, scores = _curve(get(results), metric)
+        out = {"metric": metric, "relative": robustness.relative_robustness(levels, scores)}
+        if reference is not None:
+            _, ref = _curve(get(reference), metric)
+            out["effective"] = robustness.effective_robustness(levels, scores, ref)
+        return out
+
+    out = {"random_missing": summarize(lambda r: r["random_missing"]), "corruption": {}}
+    for m, kinds in results.get("corruption", {}).items():
+        out["corruption"][m] = {k: summarize(lambda r, m=m, k=k: r["corruption"][m][k])
+                                for k in kinds}
+    return out
+
 
 def final_evaluation(evaluator: Evaluator, params, arrays) -> dict:
-    """The ``eval.json`` body for one split: ``full`` now; the robustness keys join it (§7)."""
-    return {"full": evaluator.full(params, arrays)}
+    """The ``eval.json`` body for the test split."""
+    return evaluator.protocol(params, arrays)

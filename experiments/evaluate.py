@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import data_pipelines
 from experiments import eval_lib, io_lib, train
 from experiments.config_lib import ConfigError
+from modalimmune_jax import methods
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 
@@ -31,7 +32,8 @@ def evaluate(workdir: str) -> dict:
     replicated = NamedSharding(mesh, P())
     info, data_dir, build_model, apply_fns = train.setup(config, workdir)
     tx, _ = train.make_optimizer(config)
-    init_fn = train.make_init_fn(build_model, tx)
+    method = methods.make_method(config.method, apply_fns, info=info, config=config)
+    init_fn = train.make_init_fn(build_model, tx, method)
     abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), replicated)
     mngr = train.init_checkpoint_manager(workdir, config)
     step = mngr.latest_step()
@@ -40,8 +42,11 @@ def evaluate(workdir: str) -> dict:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     put = train.make_put_fn(NamedSharding(mesh, P("data")))
-    evaluator = eval_lib.Evaluator(apply_fns.apply, info, batch_size=config.eval.batch_size,
-                                   put_fn=put)
+    train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=data_dir)
+    evaluator = eval_lib.Evaluator(
+        apply_fns, info, batch_size=config.eval.batch_size, put_fn=put, seed=config.seed,
+        feature_std=eval_lib.feature_stds(train_arrays, info.modalities))
+    del train_arrays
     test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=data_dir)
     results = eval_lib.final_evaluation(evaluator, restored["state"]["best_params"], test_arrays)
     results["best_step"] = restored["meta"]["best_step"]
@@ -54,6 +59,7 @@ def evaluate(workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    train.quiet_libraries()
     train.run_cli(lambda: evaluate(_WORKDIR.value))
 
 

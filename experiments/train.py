@@ -102,12 +102,13 @@ def setup(config, workdir):
     return info, data_dir, build, apply_fns
 
 
-def make_init_fn(build_model, tx):
+def make_init_fn(build_model, tx, method):
     """``init_fn(rng_init) -> train_state``, pure, for ``jax.eval_shape`` and ``jax.jit``."""
 
     def init_fn(rng_init):
         params = nnx.state(build_model(rng_init), nnx.Param)
-        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+                "extra": method.init(params)}
 
     return init_fn
 
@@ -181,9 +182,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng_init, rng_loop = jax.random.split(rng)
     del rng
     tx, schedule = make_optimizer(config)
-    loss_fn = methods.make_loss_fn(config.method, apply_fns, info=info, config=config)
+    method = methods.make_method(config.method, apply_fns, info=info, config=config)
 
-    init_fn = make_init_fn(build_model, tx)
+    init_fn = make_init_fn(build_model, tx, method)
     abstract_state = jax.eval_shape(init_fn, rng_init)
 
     # 5. Initialise directly into the replicated layout.
@@ -191,23 +192,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best_params = train_state["params"]
 
     # 6. The update step.
-    def train_step(train_state, batch):
+    def train_step(train_state, batch, meta_batch):
         step = train_state["step"]
         rng_step = jax.random.fold_in(rng_loop, step)
         params = train_state["params"]
-        (loss, meas), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng_step)
+        grads, extra, meas = method.grads(params, train_state["extra"], batch, rng_step,
+                                          step=step, meta_batch=meta_batch)
         updates, opt_state = tx.update(grads, train_state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         meas.update(
-            loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
             lr=schedule(step), skipped=1 - opt_state.last_finite.astype(jnp.int32),
             consecutive_skips=opt_state.notfinite_count,
             total_skips=opt_state.total_notfinite)
-        return {"step": step + 1, "params": new_params, "opt_state": opt_state}, meas
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state,
+                "extra": extra}, meas
 
     train_step = jax.jit(train_step, donate_argnums=(0,),
-                         in_shardings=(replicated, data_sharding),
+                         in_shardings=(replicated, data_sharding, data_sharding),
                          out_shardings=(replicated, replicated))
+    # A fixed held-out batch from valid: the robust validation loss of the hypergradient (§3.4).
+    n_meta = min(config.batch_size, len(valid_arrays["label"]))
+    n_meta -= n_meta % jax.device_count()
+    meta_batch = put({k: v[:n_meta] for k, v in valid_arrays.items()})
 
     # 7. Restore: the workdir's own latest checkpoint, else from scratch.
     mngr = init_checkpoint_manager(workdir, config)
@@ -216,15 +223,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = meta or {"best_value": None, "best_step": None}
     if restored is not None:
         train_state, best_params = restored["train"], restored["best_params"]
-        logging.info("resumed from step %d", int(train_state["step"]))
+        print(f"resumed from step {int(train_state['step'])} ({workdir})", file=sys.stderr)
     start_step = int(train_state["step"])
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if is_main:
         io_lib.truncate_jsonl(metrics_path, max_step=start_step)
 
     # 8. Evaluators.
-    evaluator = eval_lib.Evaluator(apply_fns.apply, info, batch_size=config.eval.batch_size,
-                                   put_fn=put)
+    train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=data_dir)
+    evaluator = eval_lib.Evaluator(
+        apply_fns, info, batch_size=config.eval.batch_size, put_fn=put, seed=config.seed,
+        feature_std=eval_lib.feature_stds(train_arrays, info.modalities))
+    del train_arrays
 
     def save(step):
         mngr.save(step, args=ocp.args.Composite(
@@ -240,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          total=config.num_steps, disable=not is_main, desc="train",
                          dynamic_ncols=True):
             batch = put(next(train_iter))
-            train_state, meas = train_step(train_state, batch)
+            train_state, meas = train_step(train_state, batch, meta_batch)
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
                 record = {k: float(v) for k, v in jax.device_get(meas).items()}
@@ -282,6 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
+def quiet_libraries():
+    """orbax logs every checkpoint file at INFO; keep stderr readable unless --verbosity is set."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def run_cli(fn):
     """Runs `fn`, turning bad input into a one-line error and exit code 2 (no traceback).
 
@@ -299,6 +315,7 @@ def run_cli(fn):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_libraries()
     run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

@@ -41,7 +41,8 @@ def iterate_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
 
 
 def predict_split(predict_fn: Callable, params, arrays: Mapping[str, np.ndarray], *,
-                  batch_size: int, args=(), put_fn: Callable = lambda b: b) -> np.ndarray:
+                  batch_size: int, args=(), key=None,
+                  put_fn: Callable = lambda b: b) -> np.ndarray:
     """Predictions for every row of `arrays` (dict of ``[N, ...]``), as numpy ``[N, ...]``.
 
     Args:
@@ -50,10 +51,13 @@ def predict_split(predict_fn: Callable, params, arrays: Mapping[str, np.ndarray]
       arrays: the split, one ``[N, ...]`` array per batch key.
       batch_size: prediction batch size (a multiple of the device count when sharded).
       args: extra arrays for the transform (e.g. a keep vector).
+      key: optional PRNG key; batch i gets ``fold_in(key, i)`` as the transform's last argument,
+        so stochastic conditions differ across batches yet repeat exactly across runs.
       put_fn: places a host batch on devices (e.g. a ``jax.device_put`` with a sharding).
     """
     outs = []
-    for batch, n_valid in iterate_batches(arrays, batch_size):
-        preds = predict_fn(params, put_fn(batch), *args)
+    for i, (batch, n_valid) in enumerate(iterate_batches(arrays, batch_size)):
+        extra = args if key is None else (*args, jax.random.fold_in(key, i))
+        preds = predict_fn(params, put_fn(batch), *extra)
         outs.append(np.asarray(jax.device_get(preds))[:n_valid])
     return np.concatenate(outs, axis=0)

@@ -106,6 +106,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Each modality is zero-filled (mask 0) with this probability, keeping at least one.
     config.moddrop.p = 0.3
 
+    config.consistency = ml_collections.ConfigDict()
+    # Cai et al. 2505.19616: PGD on one modality's raw features, then a KL (MSE for regression)
+    # penalty towards the clean prediction.
+    config.consistency.alpha = 0.1
+    config.consistency.eps = 0.05
+    config.consistency.steps = 2
+    config.consistency.weight = 0.01
+
+    # ModalImmune (DESIGN.md §3). Each component has an on/off switch for the ablation.
+    config.mi = ml_collections.ConfigDict()
+    # Information-gain controller (§3.1); off: uniform target.
+    config.mi.controller = True
+    config.mi.ig_every = 10
+    config.mi.ema_beta = 0.9
+    config.mi.p_clean = 0.2
+    config.mi.tau = 0.5
+    # Spectral collapse of the target's embedding (§3.2); off: zero-fill the target instead.
+    config.mi.collapse = True
+    # Initial collapse strength in (0, 1) (a meta-parameter) and the energy exponent gamma.
+    config.mi.strength = 0.9
+    config.mi.gamma = 1.0
+    # Centre of a full collapse: "null" (the zero-filled input's embedding) or "mean" (batch mean).
+    config.mi.anchor = "null"
+    # Probability that a collapsed target is also flagged absent in the mask.
+    config.mi.mask_prob = 0.5
+    # Weight of the task loss on the collapsed representation.
+    config.mi.collapse_weight = 1.0
+    # Collapse regularizer R (§3.2) and its initial weight (a meta-parameter).
+    config.mi.regularizer = True
+    config.mi.reg_weight = 0.1
+    # Curvature-aware masking of the destructive gradient (§3.3).
+    config.mi.curvature = True
+    config.mi.curv_every = 20
+    config.mi.curv_probes = 2
+    config.mi.curv_decay = 0.9
+    config.mi.quantile = 0.9
+    config.mi.mask_mode = "soft"
+    config.mi.mask_beta = 1.0
+    # Certified Neumann hypergradient on the meta-parameters (§3.4).
+    config.mi.meta = True
+    config.mi.meta_every = 50
+    config.mi.meta_lr = 0.05
+    config.mi.neumann_terms = 10
+    config.mi.damping = 1.0
+    config.mi.power_iters = 10
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
 

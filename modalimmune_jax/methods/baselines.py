@@ -45,3 +45,56 @@ def make_moddrop_loss(apply_fns, *, info, config):
         return loss, meas
 
     return loss_fn
+
+
+def prediction_divergence(preds, reference, *, task):
+    """Per-example divergence of `preds` from `reference` (no gradient to `reference`): ``[B]``.
+
+    ``KL(q ‖ p)`` with q = softmax(preds) and p = softmax(reference) for classification (averaged
+    over the K emotions for multilabel); squared error for regression.
+    """
+    reference = jax.lax.stop_gradient(reference)
+    if task == "regression":
+        return jnp.square(preds - reference)
+    log_q = jax.nn.log_softmax(preds, axis=-1)
+    log_p = jax.nn.log_softmax(reference, axis=-1)
+    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    return kl.mean(axis=-1) if task == "multilabel" else kl
+
+
+def make_consistency_loss(apply_fns, *, info, config):
+    """Cai et al. (2505.19616): PGD-perturb one non-target modality, penalize the prediction shift.
+
+    Each step picks one modality uniformly at random and perturbs its raw features with
+    ``config.consistency.steps`` PGD steps of size ``alpha`` on the raw gradient, each step clipped
+    to ``[-eps, eps]``, ascending the divergence from the clean prediction; the loss is the clean
+    supervised loss plus ``weight * divergence(q_pert ‖ stop_grad(p_clean))`` (DESIGN.md §4).
+    """
+    cc = config.consistency
+    mods = info.modalities
+
+    def loss_fn(params, batch, rng):
+        sup, meas = supervised_loss(apply_fns, params, batch, info=info, config=config)
+        clean = jax.lax.stop_gradient(apply_fns.apply(params, batch)["preds"])
+        pick = jax.random.randint(rng, (), 0, len(mods))
+
+        def perturbed(deltas):
+            # One delta per modality, used only for the picked one (a static branch-free select).
+            return {**batch, **{m: batch[m] + jnp.where(pick == i, deltas[m], 0.0)
+                                for i, m in enumerate(mods)}}
+
+        def divergence(deltas, p):
+            out = apply_fns.apply(p, perturbed(deltas))["preds"]
+            return jnp.mean(prediction_divergence(out, clean, task=info.task))
+
+        deltas = {m: jnp.zeros_like(batch[m]) for m in mods}
+        frozen = jax.lax.stop_gradient(params)
+        for _ in range(cc.steps):  # a few static steps; the attack does not train the model
+            g = jax.grad(divergence)(deltas, frozen)
+            deltas = {m: jnp.clip(deltas[m] + cc.alpha * g[m], -cc.eps, cc.eps) for m in mods}
+        deltas = jax.lax.stop_gradient(deltas)
+        div = divergence(deltas, params)
+        meas.update(consistency=div, perturbed_modality=pick)
+        return sup + cc.weight * div, meas
+
+    return loss_fn

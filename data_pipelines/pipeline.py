@@ -223,10 +223,11 @@ def make_loader(
 ) -> grain.DataLoader:
     """A grain DataLoader over one split of the built dataset.
 
-    Sharding splits the records into `shard_count` contiguous blocks (grain `ShardOptions`); this
-    host reads block `shard_index`, shuffled within the block by `seed` each epoch. With
-    `drop_remainder` the blocks are also made equal, so every host yields the same number of
-    batches; without it the shards partition the split exactly.
+    Sharding splits the records into `shard_count` contiguous blocks, as grain's `ShardOptions`
+    describe (the first ``N % shard_count`` blocks get one extra record); this host reads block
+    `shard_index`, reshuffled by `seed` every epoch. With `drop_remainder` the blocks are made
+    equal (``N // shard_count``), so every host yields the same number of batches; without it the
+    shards partition the split exactly.
 
     Args:
       dataset_cfg: the ``config.dataset`` ConfigDict; ``worker_count`` (default 0) sets grain's
@@ -246,13 +247,20 @@ def make_loader(
       (``get_state()`` / ``set_state()``) yielding batches with a leading ``[B]`` axis.
     """
     info, builder = _open(dataset_cfg, data_dir)
-    source = _data_source(builder, info, split)
-    shard_options = grain.sharding.ShardOptions(
+    shard_options = grain.sharding.ShardOptions(  # validates index and count
         shard_index=shard_index, shard_count=shard_count, drop_remainder=drop_remainder
     )
+    source = _ShardSource(_data_source(builder, info, split), shard_options)
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} has {info.split_sizes[split]} examples: too few for "
+                         f"{shard_count} shards")
+    # The shard is cut above, so grain sees a single shard. Its DataLoader would otherwise cut
+    # every shard to floor(N / shard_count) records per epoch (grain 0.2.18), silently dropping
+    # the remainder even without drop_remainder.
+    no_sharding = grain.sharding.NoSharding()
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
-        shard_options=shard_options,
+        shard_options=no_sharding,
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=seed,
@@ -265,8 +273,38 @@ def make_loader(
             grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
         ],
         worker_count=int(dataset_cfg.get("worker_count", 0) or 0),
-        shard_options=shard_options,
+        shard_options=no_sharding,
     )
+
+
+class _ShardSource:
+    """One host's contiguous block of a random-access data source (picklable for grain workers)."""
+
+    def __init__(self, source, shard_options: grain.sharding.ShardOptions):
+        self._source = source
+        n, k, i = len(source), shard_options.shard_count, shard_options.shard_index
+        per, extra = divmod(n, k)
+        if shard_options.drop_remainder:
+            self._start, self._stop = i * per, (i + 1) * per
+        else:
+            self._start = i * per + min(i, extra)
+            self._stop = self._start + per + (i < extra)
+        self._repr = f"{source!r}[shard {i} of {k}: {self._start}:{self._stop}]"
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self._repr}")
+        return self._source[self._start + index]
+
+    def __getitems__(self, indices):
+        return self._source.__getitems__([self._start + int(i) for i in indices])
+
+    def __repr__(self) -> str:
+        # grain checks this against the checkpointed state, so a shard only resumes its own state.
+        return self._repr
 
 
 def load_split(dataset_cfg, split: str, *, data_dir: str) -> dict[str, np.ndarray]:

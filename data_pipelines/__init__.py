@@ -2,7 +2,8 @@
 
 Public API (the trainer relies on exactly these):
 
-- `prepare(dataset_cfg, *, data_dir) -> DatasetInfo`: build on first use (atomically), check, describe.
+- `prepare(dataset_cfg, *, data_dir) -> DatasetInfo`: build on first use (atomically), check,
+  describe.
 - `make_loader(dataset_cfg, split, *, data_dir, batch_size, seed, shuffle, num_epochs,
   drop_remainder, shard_index=0, shard_count=1) -> grain.DataLoader`.
 - `load_split(dataset_cfg, split, *, data_dir) -> dict[str, np.ndarray]`.

@@ -90,13 +90,17 @@ def get_splits(data: Any, file: str) -> dict[str, Mapping[str, Any]]:
     """Checks the published top-level layout ``{"train": {...}, "valid": {...}, "test": {...}}``."""
     if not isinstance(data, Mapping):
         raise input_error(
-            file, None, None,
+            file,
+            None,
+            None,
             f"expected a dict with keys {list(SPLITS)}, got {type(data).__name__}",
         )
     out = {}
     for split in SPLITS:
         if split not in data:
-            raise input_error(file, split, None, f"missing split; the file has {sorted(map(str, data))}")
+            raise input_error(
+                file, split, None, f"missing split; the file has {sorted(map(str, data))}"
+            )
         if not isinstance(data[split], Mapping):
             raise input_error(
                 file, split, None, f"expected a dict of arrays, got {type(data[split]).__name__}"
@@ -137,22 +141,20 @@ def check_finite(x: np.ndarray, *, file: str, split: str, key: str) -> None:
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise input_error(
-            file, split, key,
+            file,
+            split,
+            key,
             f"{int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} inf values "
             f"(first at index {first}, value {x[first]})",
         )
 
 
-def check_num_examples(
-    sizes: Mapping[str, int], *, file: str, split: str
-) -> int:
+def check_num_examples(sizes: Mapping[str, int], *, file: str, split: str) -> int:
     """All keys of one split must hold the same number of examples N > 0; returns N."""
     (ref_key, n), *rest = sizes.items()
     for key, m in rest:
         if m != n:
-            raise input_error(
-                file, split, key, f"has {m} examples but {ref_key!r} has {n}"
-            )
+            raise input_error(file, split, key, f"has {m} examples but {ref_key!r} has {n}")
     if n == 0:
         raise input_error(file, split, ref_key, "empty split (0 examples)")
     return n
@@ -167,7 +169,9 @@ def check_same_dims(
     for split, shape in shapes.items():
         if len(shape) != len(ref) or shape[-1] != ref[-1]:
             raise input_error(
-                files[split], split, key,
+                files[split],
+                split,
+                key,
                 f"feature shape {shape[1:]} per example differs from split {ref_split!r}'s "
                 f"{ref[1:]} (feature dims must agree between splits)",
             )
@@ -177,6 +181,8 @@ def check_modality_name(name: str, *, file: str) -> None:
     """Modality names become batch keys and TFDS feature names."""
     if name in RESERVED_KEYS or not name.isidentifier():
         raise input_error(
-            file, None, name,
+            file,
+            None,
+            name,
             f"cannot be a modality name (reserved: {list(RESERVED_KEYS)}; must be an identifier)",
         )

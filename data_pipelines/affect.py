@@ -59,7 +59,7 @@ NAMES = tuple(MULT_FILES)
 
 
 def _candidates(name: str, layout: str) -> list[tuple[str, str]]:
-    """(file name, layout) pairs to look for, in the task's auto order: MMSA aligned, unaligned, MulT."""
+    """(file name, layout) pairs to look for; auto order: MMSA aligned, unaligned, then MulT."""
     mmsa = [] if name == "iemocap" else [(f, lay) for lay, f in MMSA_FILES.items()]
     mult = [(MULT_FILES[name], "mult")]
     if layout == "auto":
@@ -74,25 +74,38 @@ def resolve(dataset_cfg, name: str) -> tuple[str, str]:
     path = dataset_cfg.get("path", "") or ""
     layout = dataset_cfg.get("layout", "auto") or "auto"
     if layout not in LAYOUTS:
-        raise ValueError(f"config.dataset.layout for {name!r} must be one of {list(LAYOUTS)}, "
-                         f"got {layout!r}")
+        raise ValueError(
+            f"config.dataset.layout for {name!r} must be one of {list(LAYOUTS)}, got {layout!r}"
+        )
     if name == "iemocap" and layout.startswith("mmsa"):
-        raise ValueError(f"config.dataset.layout {layout!r}: iemocap only exists in the MulT layout "
-                         f"({MULT_FILES['iemocap']}); use 'mult' or 'auto'")
+        raise ValueError(
+            f"config.dataset.layout {layout!r}: iemocap only exists in the MulT layout "
+            f"({MULT_FILES['iemocap']}); use 'mult' or 'auto'"
+        )
     files = [f for f, _ in _candidates(name, layout)]
     if not path:
-        raise ValueError(f"config.dataset.path is empty: {name!r} needs the folder holding "
-                         f"{' or '.join(files)} (the published pickles; see README)")
+        raise ValueError(
+            f"config.dataset.path is empty: {name!r} needs the folder holding "
+            f"{' or '.join(files)} (the published pickles; see README)"
+        )
     if os.path.isfile(path):
         return path, layout
     if not os.path.isdir(path):
-        raise input_error(path, None, None, f"no such file or folder (dataset {name!r} looks for "
-                                            f"{' or '.join(files)})")
+        raise input_error(
+            path,
+            None,
+            None,
+            f"no such file or folder (dataset {name!r} looks for {' or '.join(files)})",
+        )
     for f, lay in _candidates(name, layout):
         if os.path.isfile(os.path.join(path, f)):
             return os.path.join(path, f), lay
-    raise input_error(path, None, None, f"file not found: none of {files} is in this folder "
-                                        f"(dataset {name!r}, layout {layout!r})")
+    raise input_error(
+        path,
+        None,
+        None,
+        f"file not found: none of {files} is in this folder (dataset {name!r}, layout {layout!r})",
+    )
 
 
 def identity(dataset_cfg, name: str) -> dict[str, Any]:
@@ -126,23 +139,36 @@ def load(dataset_cfg, name: str) -> SourceData:
         layout = _detect_layout(raw)
     iemocap = name == "iemocap"
     if iemocap and layout != "mult":
-        raise input_error(file, None, None, f"looks like an MMSA {layout} file, but iemocap only "
-                                            "exists in the MulT layout")
+        raise input_error(
+            file,
+            None,
+            None,
+            f"looks like an MMSA {layout} file, but iemocap only exists in the MulT layout",
+        )
     splits, replaced = {}, {}
     for split in SPLITS:
         if layout == "mult":
-            arrays, replaced[split] = _read_mult_split(raw[split], file=file, split=split,
-                                                       iemocap=iemocap)
+            arrays, replaced[split] = _read_mult_split(
+                raw[split], file=file, split=split, iemocap=iemocap
+            )
         else:
-            arrays, replaced[split] = _read_mmsa_split(raw[split], file=file, split=split,
-                                                       aligned=layout == "mmsa_aligned")
+            arrays, replaced[split] = _read_mmsa_split(
+                raw[split], file=file, split=split, aligned=layout == "mmsa_aligned"
+            )
         splits[split] = arrays
     for m in MODALITIES:
-        check_same_dims({s: splits[s][m].shape for s in SPLITS}, files=dict.fromkeys(SPLITS, file),
-                        key=m)
-    logging.info("%s: replaced %d -inf audio values with 0 (train %d, valid %d, test %d), as the "
-                 "MMSA/MulT loaders do", file, sum(replaced.values()), replaced["train"],
-                 replaced["valid"], replaced["test"])
+        check_same_dims(
+            {s: splits[s][m].shape for s in SPLITS}, files=dict.fromkeys(SPLITS, file), key=m
+        )
+    logging.info(
+        "%s: replaced %d -inf audio values with 0 (train %d, valid %d, test %d), as the "
+        "MMSA/MulT loaders do",
+        file,
+        sum(replaced.values()),
+        replaced["train"],
+        replaced["valid"],
+        replaced["test"],
+    )
     return SourceData(
         modalities=MODALITIES,
         splits=splits,
@@ -169,17 +195,21 @@ def _features(d: Mapping[str, Any], *, file: str, split: str) -> tuple[dict[str,
 
 
 def _sentiment(value: Any, *, file: str, split: str, key: str) -> np.ndarray:
-    """Per-example scalar sentiment ``[N]`` float32 in [-3, 3] (MMSA ``[N]``, MulT ``[N, 1, 1]``)."""
-    y = numeric_array(value, ranks=(1, 2, 3), file=file, split=split, key=key,
-                      what="[N], [N, 1] or [N, 1, 1]")
+    """Per-example sentiment ``[N]`` float32 in [-3, 3] (MMSA has ``[N]``, MulT ``[N, 1, 1]``)."""
+    y = numeric_array(
+        value, ranks=(1, 2, 3), file=file, split=split, key=key, what="[N], [N, 1] or [N, 1, 1]"
+    )
     if y.shape[1:] not in ((), (1,), (1, 1)):
-        raise input_error(file, split, key, f"expected [N], [N, 1] or [N, 1, 1], got shape {y.shape}")
+        raise input_error(
+            file, split, key, f"expected [N], [N, 1] or [N, 1, 1], got shape {y.shape}"
+        )
     y = y.reshape(len(y)).astype(np.float32)
     check_finite(y, file=file, split=split, key=key)
     if len(y) and (np.abs(y) > 3.0).any():
         i = int(np.argmax(np.abs(y)))
-        raise input_error(file, split, key, f"sentiment label {float(y[i])} at index {i} is "
-                                            "outside [-3, 3]")
+        raise input_error(
+            file, split, key, f"sentiment label {float(y[i])} at index {i} is outside [-3, 3]"
+        )
     return y
 
 
@@ -191,8 +221,12 @@ def _lengths(value: Any, n: int, t: int, *, file: str, split: str, key: str) -> 
     if x.dtype.kind == "f" and not np.all(np.isfinite(x) & (x == np.round(x))):
         raise input_error(file, split, key, "lengths must be whole numbers")
     if len(x) and (x.min() < 0 or x.max() > t):
-        raise input_error(file, split, key, f"lengths must lie in [0, {t}] (the padded length), "
-                                            f"got min {x.min()} max {x.max()}")
+        raise input_error(
+            file,
+            split,
+            key,
+            f"lengths must lie in [0, {t}] (the padded length), got min {x.min()} max {x.max()}",
+        )
     return x.astype(np.int32)
 
 
@@ -202,26 +236,41 @@ def _read_mmsa_split(d, *, file: str, split: str, aligned: bool):
         keys += ["audio_lengths", "vision_lengths"]
     require_keys(d, keys, file=file, split=split)
     feats, count = _features(d, file=file, split=split)
-    text_bert = numeric_array(d["text_bert"], ranks=(3,), file=file, split=split, key="text_bert",
-                              what="rank 3 [N, 3, L] (ids, attention mask, segment ids)")
+    text_bert = numeric_array(
+        d["text_bert"],
+        ranks=(3,),
+        file=file,
+        split=split,
+        key="text_bert",
+        what="rank 3 [N, 3, L] (ids, attention mask, segment ids)",
+    )
     label = _sentiment(d["regression_labels"], file=file, split=split, key="regression_labels")
     n = check_num_examples(
         {m: len(feats[m]) for m in MODALITIES}
         | {"text_bert": len(text_bert), "regression_labels": len(label)},
-        file=file, split=split,
+        file=file,
+        split=split,
     )
     length_t = feats["text"].shape[1]
     if text_bert.shape[1:] != (3, length_t):
-        raise input_error(file, split, "text_bert", f"expected [N, 3, L] with L = {length_t} (the "
-                                                    f"text length), got shape {text_bert.shape}")
+        raise input_error(
+            file,
+            split,
+            "text_bert",
+            f"expected [N, 3, L] with L = {length_t} (the "
+            f"text length), got shape {text_bert.shape}",
+        )
     text_len = np.rint(text_bert[:, 1, :].sum(axis=-1)).astype(np.int32)  # attention-mask row sum
     t_a, t_v = feats["audio"].shape[1], feats["vision"].shape[1]
     if aligned:
         audio_len, vision_len = np.minimum(text_len, t_a), np.minimum(text_len, t_v)
     else:
-        audio_len = _lengths(d["audio_lengths"], n, t_a, file=file, split=split, key="audio_lengths")
-        vision_len = _lengths(d["vision_lengths"], n, t_v, file=file, split=split,
-                              key="vision_lengths")
+        audio_len = _lengths(
+            d["audio_lengths"], n, t_a, file=file, split=split, key="audio_lengths"
+        )
+        vision_len = _lengths(
+            d["vision_lengths"], n, t_v, file=file, split=split, key="vision_lengths"
+        )
     feats["lengths"] = np.stack([text_len, audio_len, vision_len], axis=1).astype(np.int32)
     feats["label"] = label
     return feats, count
@@ -236,7 +285,8 @@ def _read_mult_split(d, *, file: str, split: str, iemocap: bool):
         feats["label"] = _sentiment(d["labels"], file=file, split=split, key="labels")
     n = check_num_examples(
         {m: len(feats[m]) for m in MODALITIES} | {"labels": len(feats["label"])},
-        file=file, split=split,
+        file=file,
+        split=split,
     )
     feats["lengths"] = np.tile(np.array([feats[m].shape[1] for m in MODALITIES], np.int32), (n, 1))
     return feats, count
@@ -244,18 +294,24 @@ def _read_mult_split(d, *, file: str, split: str, iemocap: bool):
 
 def _iemocap_labels(value: Any, *, file: str, split: str) -> np.ndarray:
     """MulT's ``[N, 4, 2]`` one-hot -> ``[N, 4] int32``, 1 where the emotion is present."""
-    y = numeric_array(value, ranks=(3,), file=file, split=split, key="labels",
-                      what="[N, 4, 2] one-hot")
+    y = numeric_array(
+        value, ranks=(3,), file=file, split=split, key="labels", what="[N, 4, 2] one-hot"
+    )
     if y.shape[1:] != (len(IEMOCAP_LABELS), 2):
         raise input_error(file, split, "labels", f"expected [N, 4, 2] one-hot, got shape {y.shape}")
     not_binary = ~((y == 0) | (y == 1))
     if not_binary.any():
         first = tuple(int(i) for i in np.argwhere(not_binary)[0])
-        raise input_error(file, split, "labels", f"one-hot labels must be 0 or 1, got {y[first]} "
-                                                 f"at index {first}")
+        raise input_error(
+            file, split, "labels", f"one-hot labels must be 0 or 1, got {y[first]} at index {first}"
+        )
     sums = y.sum(axis=-1)
     if (sums != 1).any():
         first = tuple(int(i) for i in np.argwhere(sums != 1)[0])
-        raise input_error(file, split, "labels", f"each emotion's 2-way label must be one-hot, but "
-                                                 f"index {first} sums to {sums[first]}")
+        raise input_error(
+            file,
+            split,
+            "labels",
+            f"each emotion's 2-way label must be one-hot, but index {first} sums to {sums[first]}",
+        )
     return np.argmax(y, axis=-1).astype(np.int32)

@@ -23,8 +23,12 @@ from data_pipelines.pipeline import SOURCES, prepare
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder (or file) with the user's data files.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.")
-_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "mmsa_aligned", "mmsa_unaligned", "mult"],
-                            "Pickle layout for cmu_mosi / cmu_mosei / iemocap.")
+_LAYOUT = flags.DEFINE_enum(
+    "layout",
+    "auto",
+    ["auto", "mmsa_aligned", "mmsa_unaligned", "mult"],
+    "Pickle layout for cmu_mosi / cmu_mosei / iemocap.",
+)
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Pad/truncate sequences to this T; 0 keeps stored T.")
 _TASK = flags.DEFINE_enum("task", None, ["classification", "regression"], "synthetic only.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", None, "synthetic only.")
@@ -33,8 +37,12 @@ flags.mark_flags_as_required(["dataset", "data_dir"])
 
 def main(argv):
     del argv
-    cfg = {"name": _DATASET.value, "path": _MANUAL_DIR.value, "layout": _LAYOUT.value,
-           "max_len": _MAX_LEN.value}
+    cfg = {
+        "name": _DATASET.value,
+        "path": _MANUAL_DIR.value,
+        "layout": _LAYOUT.value,
+        "max_len": _MAX_LEN.value,
+    }
     if _TASK.value is not None:
         cfg["task"] = _TASK.value
     if _DATA_SEED.value is not None:

@@ -46,7 +46,10 @@ def _paths(dataset_cfg) -> tuple[str, dict[str, str], str]:
         )
     if not os.path.isdir(folder):
         raise input_error(
-            folder, None, None, "no such folder (the npz dataset needs train.npz, valid.npz, test.npz)"
+            folder,
+            None,
+            None,
+            "no such folder (the npz dataset needs train.npz, valid.npz, test.npz)",
         )
     files = {split: os.path.join(folder, f"{split}.npz") for split in SPLITS}
     for split, f in files.items():
@@ -79,7 +82,9 @@ def _read_meta(path: str) -> dict[str, Any]:
     if "modalities" in meta:
         mods = meta["modalities"]
         if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
-            raise input_error(path, None, "modalities", f"expected a non-empty list of names, got {mods!r}")
+            raise input_error(
+                path, None, "modalities", f"expected a non-empty list of names, got {mods!r}"
+            )
         if len(set(mods)) != len(mods):
             raise input_error(path, None, "modalities", f"names repeat: {mods}")
         for m in mods:
@@ -122,19 +127,28 @@ def load(dataset_cfg) -> SourceData:
                 raise input_error(f, split, key, f"missing key; the file has {sorted(d)}")
         arrays = {}
         for m in modalities:
-            x = numeric_array(d[m], ranks=(2, 3), file=f, split=split, key=m,
-                              what="rank 3 [N, T, D] or rank 2 [N, D]")
+            x = numeric_array(
+                d[m],
+                ranks=(2, 3),
+                file=f,
+                split=split,
+                key=m,
+                what="rank 3 [N, T, D] or rank 2 [N, D]",
+            )
             x = x.astype(np.float32)
             check_finite(x, file=f, split=split, key=m)
             arrays[m] = x
         labels[split] = numeric_array(d[LABEL_KEY], ranks=(1,), file=f, split=split, key=LABEL_KEY)
         n = check_num_examples(
             {LABEL_KEY: len(labels[split]), **{m: len(arrays[m]) for m in modalities}},
-            file=f, split=split,
+            file=f,
+            split=split,
         )
         arrays["lengths"] = np.tile(
-            np.array([x.shape[1] if x.ndim == 3 else 1 for x in (arrays[m] for m in modalities)],
-                     np.int32),
+            np.array(
+                [x.shape[1] if x.ndim == 3 else 1 for x in (arrays[m] for m in modalities)],
+                np.int32,
+            ),
             (n, 1),
         )
         splits[split] = arrays
@@ -144,8 +158,12 @@ def load(dataset_cfg) -> SourceData:
     task = meta.get("task")
     if task is None:
         task = "classification" if labels["train"].dtype.kind in "iu" else "regression"
-        logging.info("%s: no task in meta.json; labels dtype %s -> %s", files["train"],
-                     labels["train"].dtype, task)
+        logging.info(
+            "%s: no task in meta.json; labels dtype %s -> %s",
+            files["train"],
+            labels["train"].dtype,
+            task,
+        )
     if task == "classification":
         num_classes = _check_class_labels(labels, files)
         for split in SPLITS:
@@ -172,9 +190,11 @@ def _check_class_labels(labels: dict[str, np.ndarray], files: dict[str, str]) ->
         y, f = labels[split], files[split]
         if y.dtype.kind not in "iu":
             raise input_error(
-                f, split, LABEL_KEY,
+                f,
+                split,
+                LABEL_KEY,
                 f"classification labels must be integers, got dtype {y.dtype} "
-                "(for real-valued targets set \"task\": \"regression\" in meta.json)",
+                '(for real-valued targets set "task": "regression" in meta.json)',
             )
         if (y < 0).any():
             raise input_error(f, split, LABEL_KEY, f"negative class label {int(y.min())}")
@@ -183,7 +203,9 @@ def _check_class_labels(labels: dict[str, np.ndarray], files: dict[str, str]) ->
         y = labels[split]
         if (y >= num_classes).any():
             raise input_error(
-                files[split], split, LABEL_KEY,
+                files[split],
+                split,
+                LABEL_KEY,
                 f"label {int(y.max())} >= C = {num_classes} (C = max train label + 1)",
             )
     return num_classes

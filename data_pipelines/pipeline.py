@@ -72,8 +72,9 @@ SOURCES = {
     "digits": _Source(digits.identity, digits.load),
     "npz": _Source(npz.identity, npz.load),
     **{
-        name: _Source(functools.partial(affect.identity, name=name),
-                      functools.partial(affect.load, name=name))
+        name: _Source(
+            functools.partial(affect.identity, name=name), functools.partial(affect.load, name=name)
+        )
         for name in affect.NAMES
     },
 }
@@ -82,8 +83,9 @@ SOURCES = {
 def _source(dataset_cfg) -> tuple[str, _Source]:
     name = dataset_cfg.get("name", None)
     if name not in SOURCES:
-        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; "
-                         f"expected one of {sorted(SOURCES)}")
+        raise ValueError(
+            f"config.dataset.name: unknown dataset {name!r}; expected one of {sorted(SOURCES)}"
+        )
     return name, SOURCES[name]
 
 
@@ -98,8 +100,12 @@ def identity(dataset_cfg) -> tuple[str, dict[str, Any]]:
     """The build's config name and the identity it hashes: everything that changes stored data."""
     name, source = _source(dataset_cfg)
     max_len = _max_len(dataset_cfg)
-    ident = {"dataset": name, "format": FORMAT_VERSION, "max_len": max_len,
-             **source.identity(dataset_cfg)}
+    ident = {
+        "dataset": name,
+        "format": FORMAT_VERSION,
+        "max_len": max_len,
+        **source.identity(dataset_cfg),
+    }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     tag = ident.get("tag", "default")
     return f"{tag}-len{max_len}-{digest}", ident
@@ -156,7 +162,9 @@ def _describe(name: str, builder: tfds.core.DatasetBuilder, path: str) -> Datase
         )
         ok = tuple(features["lengths"].shape) == (len(modalities),) and "label" in features
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: built dataset is unreadable ({e!r}); delete it to rebuild") from e
+        raise ValueError(
+            f"{path}: built dataset is unreadable ({e!r}); delete it to rebuild"
+        ) from e
     if not ok or min(info.split_sizes.values()) <= 0:
         raise ValueError(f"{path}: built dataset is inconsistent ({info}); delete it to rebuild")
     return info
@@ -252,8 +260,10 @@ def make_loader(
     )
     source = _ShardSource(_data_source(builder, info, split), shard_options)
     if len(source) == 0:
-        raise ValueError(f"split {split!r} has {info.split_sizes[split]} examples: too few for "
-                         f"{shard_count} shards")
+        raise ValueError(
+            f"split {split!r} has {info.split_sizes[split]} examples: too few for "
+            f"{shard_count} shards"
+        )
     # The shard is cut above, so grain sees a single shard. Its DataLoader would otherwise cut
     # every shard to floor(N / shard_count) records per epoch (grain 0.2.18), silently dropping
     # the remainder even without drop_remainder.

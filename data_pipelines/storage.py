@@ -86,7 +86,9 @@ def _builder_class(name: str) -> type[_ArrayBuilder]:
     # TFDS takes the directory name from the class attribute `name`; skip_registration keeps these
     # out of TFDS's global registry (where names like "digits" could clash).
     return types.new_class(
-        f"_{name}_builder", (_ArrayBuilder,), {"skip_registration": True},
+        f"_{name}_builder",
+        (_ArrayBuilder,),
+        {"skip_registration": True},
         lambda ns: ns.update(name=name),
     )
 
@@ -99,8 +101,9 @@ def is_built(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_info.json"))
 
 
-def write(source: SourceData, identity: dict[str, Any], *, data_dir: str, name: str,
-          config_name: str) -> str:
+def write(
+    source: SourceData, identity: dict[str, Any], *, data_dir: str, name: str, config_name: str
+) -> str:
     """Writes `source` to ``build_path(...)`` atomically; returns that path.
 
     If another process (another host) finishes the same build first, its copy is kept: the data

@@ -62,7 +62,9 @@ def knobs(dataset_cfg) -> dict[str, Any]:
     out = {k: DEFAULTS[k] if v is None else v for k, v in out.items()}
     where = "config.dataset (synthetic)"
     if out["task"] not in ("classification", "regression"):
-        raise ValueError(f"{where}: task must be 'classification' or 'regression', got {out['task']!r}")
+        raise ValueError(
+            f"{where}: task must be 'classification' or 'regression', got {out['task']!r}"
+        )
     for k in DEFAULTS:
         if k == "task":
             continue
@@ -70,8 +72,10 @@ def knobs(dataset_cfg) -> dict[str, Any]:
             raise ValueError(f"{where}: {k} must be a positive integer, got {out[k]!r}")
         out[k] = int(out[k])
     if out["latent_dim"] < 2:
-        raise ValueError(f"{where}: latent_dim must be >= 2 (audio and vision see halves), got "
-                         f"{out['latent_dim']}")
+        raise ValueError(
+            f"{where}: latent_dim must be >= 2 (audio and vision see halves), got "
+            f"{out['latent_dim']}"
+        )
     if out["task"] == "classification" and out["num_classes"] < 2:
         raise ValueError(f"{where}: num_classes must be >= 2, got {out['num_classes']}")
     return out
@@ -85,7 +89,11 @@ def identity(dataset_cfg) -> dict[str, Any]:
 
 def _latent_slices(latent_dim: int) -> dict[str, slice]:
     half = latent_dim // 2
-    return {"text": slice(0, latent_dim), "audio": slice(0, half), "vision": slice(half, latent_dim)}
+    return {
+        "text": slice(0, latent_dim),
+        "audio": slice(0, half),
+        "vision": slice(half, latent_dim),
+    }
 
 
 def generate(dataset_cfg) -> SourceData:

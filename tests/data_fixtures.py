@@ -21,8 +21,11 @@ DEFAULT_SIZES = (6, 4, 4)
 # Published per-dataset feature dims: (text, audio, vision).
 MMSA_DIMS = {"mosi": (768, 5, 20), "mosei": (768, 74, 35)}
 MULT_DIMS = {"mosi": (300, 5, 20), "mosei": (300, 74, 35), "iemocap": (300, 74, 35)}
-MULT_FILES = {"mosi": "mosi_data.pkl", "mosei": "mosei_senti_data.pkl",
-              "iemocap": "iemocap_data.pkl"}
+MULT_FILES = {
+    "mosi": "mosi_data.pkl",
+    "mosei": "mosei_senti_data.pkl",
+    "iemocap": "iemocap_data.pkl",
+}
 # (split, example, timestep, feature) positions that get -inf in the audio; one per example
 # listed, so the expected replacement count per split is the number of entries for that split.
 NEG_INF_AT = {"train": [(0, 0, 0), (2, 1, 3), (5, 0, 1)], "valid": [(1, 2, 0)], "test": []}
@@ -43,8 +46,16 @@ def neg_inf_count(sizes=DEFAULT_SIZES) -> dict[str, int]:
     return {s: sum(i < n for i, _, _ in NEG_INF_AT[s]) for s, n in _sizes(sizes).items()}
 
 
-def mmsa_data(*, aligned: bool = True, dataset: str = "mosi", sizes=DEFAULT_SIZES, text_len: int = 8,
-              audio_len: int = 12, vision_len: int = 10, seed: int = 0) -> dict:
+def mmsa_data(
+    *,
+    aligned: bool = True,
+    dataset: str = "mosi",
+    sizes=DEFAULT_SIZES,
+    text_len: int = 8,
+    audio_len: int = 12,
+    vision_len: int = 10,
+    seed: int = 0,
+) -> dict:
     """An MMSA-layout dict; aligned data has audio/vision at the text length."""
     rng = np.random.default_rng(seed)
     d_t, d_a, d_v = MMSA_DIMS[dataset]
@@ -70,7 +81,8 @@ def mmsa_data(*, aligned: bool = True, dataset: str = "mosi", sizes=DEFAULT_SIZE
             "text_bert": text_bert,
             "annotations": np.array(
                 ["Positive" if r > 0 else "Negative" if r < 0 else "Neutral" for r in reg],
-                dtype=object),
+                dtype=object,
+            ),
             "classification_labels": np.sign(reg).astype(np.float64) + 1.0,
             "regression_labels": reg,
         }
@@ -88,8 +100,9 @@ def write_mmsa_pickle(folder: str, *, aligned: bool = True, **kwargs) -> dict:
     return data
 
 
-def mult_data(*, dataset: str = "mosi", sizes=DEFAULT_SIZES, seq_len: int = 6,
-              seed: int = 0) -> dict:
+def mult_data(
+    *, dataset: str = "mosi", sizes=DEFAULT_SIZES, seq_len: int = 6, seed: int = 0
+) -> dict:
     """A MulT-layout dict (IEMOCAP labels are [N, 4, 2] one-hot)."""
     rng = np.random.default_rng(seed)
     d_t, d_a, d_v = MULT_DIMS[dataset]
@@ -127,9 +140,10 @@ def write_pickle(path: str, obj) -> None:
         pickle.dump(obj, f, protocol=4)
 
 
-def npz_data(*, task: str = "classification", sizes=DEFAULT_SIZES, seed: int = 0,
-             num_classes: int = 3) -> dict:
-    """Splits for the npz format: a sequence modality "zeta" [N, 5, 3] and a vector "alpha" [N, 4]."""
+def npz_data(
+    *, task: str = "classification", sizes=DEFAULT_SIZES, seed: int = 0, num_classes: int = 3
+) -> dict:
+    """npz-format splits: a sequence modality "zeta" [N, 5, 3] and a vector "alpha" [N, 4]."""
     rng = np.random.default_rng(seed)
     out = {}
     for split, n in _sizes(sizes).items():
@@ -145,8 +159,9 @@ def npz_data(*, task: str = "classification", sizes=DEFAULT_SIZES, seed: int = 0
     return out
 
 
-def write_npz_folder(folder: str, *, meta: dict | None = None, data: dict | None = None,
-                     **kwargs) -> dict:
+def write_npz_folder(
+    folder: str, *, meta: dict | None = None, data: dict | None = None, **kwargs
+) -> dict:
     """Writes train/valid/test.npz (and meta.json if `meta`) into `folder`; returns the arrays."""
     data = npz_data(**kwargs) if data is None else data
     os.makedirs(folder, exist_ok=True)

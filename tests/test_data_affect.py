@@ -18,16 +18,20 @@ from data_pipelines import load_split, make_loader, pipeline, prepare, storage
 
 
 def _cfg(name, path, **kw):
-    return ml_collections.ConfigDict({"name": name, "path": path, "layout": "auto", "max_len": 0,
-                                      **kw})
+    return ml_collections.ConfigDict(
+        {"name": name, "path": path, "layout": "auto", "max_len": 0, **kw}
+    )
 
 
 def _leftovers(data_dir):
     """Everything under data_dir (files and folders), relative paths."""
     if not os.path.exists(data_dir):
         return []
-    return sorted(os.path.relpath(os.path.join(r, n), data_dir)
-                  for r, ds, fs in os.walk(data_dir) for n in ds + fs)
+    return sorted(
+        os.path.relpath(os.path.join(r, n), data_dir)
+        for r, ds, fs in os.walk(data_dir)
+        for n in ds + fs
+    )
 
 
 def _fit(x, t):
@@ -116,8 +120,20 @@ def test_iemocap_labels_are_argmax_of_one_hot(tmp_path):
     # Index 1 of each emotion's one-hot means "present".
     np.testing.assert_array_equal(got["label"], raw["train"]["labels"][:, :, 1].astype(np.int32))
     assert got["label"].dtype == np.int32 and got["label"].shape == (6, 4)
-    batch = next(iter(make_loader(cfg, "train", data_dir=str(tmp_path / "tfds"), batch_size=4,
-                                  seed=0, shuffle=False, num_epochs=1, drop_remainder=True)))
+    batch = next(
+        iter(
+            make_loader(
+                cfg,
+                "train",
+                data_dir=str(tmp_path / "tfds"),
+                batch_size=4,
+                seed=0,
+                shuffle=False,
+                num_epochs=1,
+                drop_remainder=True,
+            )
+        )
+    )
     assert batch["label"].shape == (4, 4) and batch["label"].dtype == np.int32
     np.testing.assert_array_equal(batch["label"], raw["train"]["labels"][:4, :, 1])
 
@@ -135,8 +151,9 @@ def test_neg_inf_replaced_counted_and_logged(tmp_path, caplog, writer):
     prepare(cfg, data_dir=str(tmp_path / "tfds"))
     assert "replaced 4 -inf audio values with 0 (train 3, valid 1, test 0)" in caplog.text
     config_name, _ = pipeline.identity(cfg)
-    meta = storage.open_built(storage.build_path(str(tmp_path / "tfds"), name,
-                                                 config_name)).info.metadata
+    meta = storage.open_built(
+        storage.build_path(str(tmp_path / "tfds"), name, config_name)
+    ).info.metadata
     assert meta["notes"]["audio_neg_inf_replaced"] == expected
     got = load_split(cfg, "train", data_dir=str(tmp_path / "tfds"))
     assert np.isfinite(got["audio"]).all()
@@ -146,12 +163,16 @@ def test_neg_inf_replaced_counted_and_logged(tmp_path, caplog, writer):
 
 @pytest.mark.parametrize("max_len", [5, 11])
 def test_pad_truncate_and_lengths(tmp_path, max_len):
-    raw = fx.write_mmsa_pickle(str(tmp_path), aligned=False, text_len=8, audio_len=12,
-                               vision_len=10)
+    raw = fx.write_mmsa_pickle(
+        str(tmp_path), aligned=False, text_len=8, audio_len=12, vision_len=10
+    )
     cfg = _cfg("cmu_mosi", str(tmp_path), max_len=max_len)
     info = prepare(cfg, data_dir=str(tmp_path / "tfds"))
-    assert info.feature_shapes == {"text": (max_len, 768), "audio": (max_len, 5),
-                                   "vision": (max_len, 20)}
+    assert info.feature_shapes == {
+        "text": (max_len, 768),
+        "audio": (max_len, 5),
+        "vision": (max_len, 20),
+    }
     got = load_split(cfg, "train", data_dir=str(tmp_path / "tfds"))
     r = raw["train"]
     audio = np.where(np.isneginf(r["audio"]), 0.0, r["audio"]).astype(np.float32)
@@ -204,21 +225,25 @@ def test_failure_during_build_leaves_nothing(tmp_path, monkeypatch):
 
 # --- Bad input: each corruption raises a ValueError naming file, split and key. -----------------
 
+
 def _drop(split, key):
     def f(d):
         del d[split][key]
+
     return f
 
 
 def _set(split, key, fn):
     def f(d):
         d[split][key] = fn(d[split][key])
+
     return f
 
 
 def _poke(split, key, index, value):
     def f(d):
         d[split][key][index] = value
+
     return f
 
 
@@ -228,66 +253,183 @@ MMSA_U = "mmsa_unaligned"
 MULT = "mult"
 IEMO = "iemocap"
 CORRUPTIONS = [
-    ("missing_split", MMSA, lambda d: d.pop("valid"), ["aligned_50.pkl", "split 'valid'",
-                                                        "missing split"]),
-    ("split_not_dict", MULT, lambda d: d.update(test=[1, 2]), ["mosi_data.pkl", "split 'test'",
-                                                               "expected a dict"]),
-    ("missing_key_audio", MMSA, _drop("train", "audio"), ["split 'train' key 'audio'",
-                                                          "missing key"]),
-    ("missing_key_labels", MMSA, _drop("test", "regression_labels"),
-     ["split 'test' key 'regression_labels'", "missing key"]),
-    ("missing_key_lengths", MMSA_U, _drop("valid", "vision_lengths"),
-     ["unaligned_50.pkl", "split 'valid' key 'vision_lengths'", "missing key"]),
+    (
+        "missing_split",
+        MMSA,
+        lambda d: d.pop("valid"),
+        ["aligned_50.pkl", "split 'valid'", "missing split"],
+    ),
+    (
+        "split_not_dict",
+        MULT,
+        lambda d: d.update(test=[1, 2]),
+        ["mosi_data.pkl", "split 'test'", "expected a dict"],
+    ),
+    (
+        "missing_key_audio",
+        MMSA,
+        _drop("train", "audio"),
+        ["split 'train' key 'audio'", "missing key"],
+    ),
+    (
+        "missing_key_labels",
+        MMSA,
+        _drop("test", "regression_labels"),
+        ["split 'test' key 'regression_labels'", "missing key"],
+    ),
+    (
+        "missing_key_lengths",
+        MMSA_U,
+        _drop("valid", "vision_lengths"),
+        ["unaligned_50.pkl", "split 'valid' key 'vision_lengths'", "missing key"],
+    ),
     ("missing_key_mult", MULT, _drop("train", "labels"), ["split 'train' key 'labels'"]),
-    ("wrong_rank", MMSA, _set("train", "audio", lambda x: x[:, :, 0]),
-     ["split 'train' key 'audio'", "expected rank 3 [N, T, D], got shape (6, 8)"]),
-    ("wrong_rank_mult", MULT, _set("valid", "vision", lambda x: x[0]),
-     ["split 'valid' key 'vision'", "expected rank 3 [N, T, D], got shape (6, 20)"]),
-    ("not_numeric", MMSA, _set("train", "vision", lambda x: x.astype(str)),
-     ["split 'train' key 'vision'", "expected a numeric array"]),
-    ("n_mismatch_modality", MMSA, _set("valid", "vision", lambda x: x[:3]),
-     ["split 'valid' key 'vision'", "has 3 examples but 'text' has 4"]),
-    ("n_mismatch_labels", MMSA, _set("test", "regression_labels", lambda x: x[:2]),
-     ["split 'test' key 'regression_labels'", "has 2 examples but 'text' has 4"]),
-    ("n_mismatch_mult_labels", MULT, _set("train", "labels", lambda x: x[:5]),
-     ["split 'train' key 'labels'", "has 5 examples but 'text' has 6"]),
-    ("nan_text", MMSA, _poke("train", "text", (1, 2, 3), np.nan),
-     ["split 'train' key 'text'", "1 NaN", "(1, 2, 3)"]),
-    ("posinf_vision", MULT, _poke("valid", "vision", (0, 1, 2), np.inf),
-     ["split 'valid' key 'vision'", "0 NaN and 1 inf"]),
-    ("neginf_text", MULT, _poke("test", "text", (2, 0, 0), -np.inf),
-     ["split 'test' key 'text'", "1 inf"]),
-    ("nan_audio", MMSA, _poke("test", "audio", (3, 1, 1), np.nan),
-     ["split 'test' key 'audio'", "1 NaN"]),
-    ("sentiment_range", MMSA, _poke("train", "regression_labels", 4, 3.5),
-     ["split 'train' key 'regression_labels'", "3.5 at index 4 is outside [-3, 3]"]),
-    ("sentiment_range_mult", MULT, _poke("valid", "labels", (2, 0, 0), -4.0),
-     ["split 'valid' key 'labels'", "-4.0 at index 2 is outside [-3, 3]"]),
-    ("sentiment_nan_label", MULT, _poke("valid", "labels", (1, 0, 0), np.nan),
-     ["split 'valid' key 'labels'", "1 NaN"]),
-    ("sentiment_label_shape", MULT, _set("train", "labels", lambda x: np.repeat(x, 2, axis=1)),
-     ["split 'train' key 'labels'", "got shape (6, 2, 1)"]),
-    ("iemocap_not_binary", IEMO, _poke("train", "labels", (1, 2, 0), 0.5),
-     ["iemocap_data.pkl", "split 'train' key 'labels'", "must be 0 or 1", "(1, 2, 0)"]),
-    ("iemocap_not_one_hot", IEMO, _poke("valid", "labels", (3, 1), [1.0, 1.0]),
-     ["split 'valid' key 'labels'", "must be one-hot", "index (3, 1) sums to 2"]),
-    ("iemocap_wrong_shape", IEMO, _set("test", "labels", lambda x: x[:, :, 1]),
-     ["split 'test' key 'labels'", "expected [N, 4, 2] one-hot, got shape (4, 4)"]),
-    ("iemocap_wrong_classes", IEMO, _set("test", "labels", lambda x: x[:, :3]),
-     ["split 'test' key 'labels'", "got shape (4, 3, 2)"]),
-    ("empty_split", MMSA, lambda d: d.update(
-        test={k: (v[:0] if hasattr(v, "shape") else v[:0]) for k, v in d["test"].items()}),
-     ["split 'test'", "empty split"]),
-    ("dims_differ_between_splits", MMSA, _set("valid", "audio", lambda x: x[:, :, :4]),
-     ["split 'valid' key 'audio'", "(8, 4)", "differs from split 'train'", "(8, 5)"]),
-    ("dims_differ_mult", MULT, _set("test", "text", lambda x: x[:, :, :299]),
-     ["split 'test' key 'text'", "feature dims must agree"]),
-    ("lengths_too_long", MMSA_U, _set("train", "audio_lengths", lambda x: [99] + x[1:]),
-     ["split 'train' key 'audio_lengths'", "[0, 12]", "max 99"]),
-    ("lengths_wrong_count", MMSA_U, _set("valid", "audio_lengths", lambda x: x[:2]),
-     ["split 'valid' key 'audio_lengths'", "has 2 examples"]),
-    ("text_bert_wrong_shape", MMSA, _set("train", "text_bert", lambda x: x[:, :2]),
-     ["split 'train' key 'text_bert'", "got shape (6, 2, 8)"]),
+    (
+        "wrong_rank",
+        MMSA,
+        _set("train", "audio", lambda x: x[:, :, 0]),
+        ["split 'train' key 'audio'", "expected rank 3 [N, T, D], got shape (6, 8)"],
+    ),
+    (
+        "wrong_rank_mult",
+        MULT,
+        _set("valid", "vision", lambda x: x[0]),
+        ["split 'valid' key 'vision'", "expected rank 3 [N, T, D], got shape (6, 20)"],
+    ),
+    (
+        "not_numeric",
+        MMSA,
+        _set("train", "vision", lambda x: x.astype(str)),
+        ["split 'train' key 'vision'", "expected a numeric array"],
+    ),
+    (
+        "n_mismatch_modality",
+        MMSA,
+        _set("valid", "vision", lambda x: x[:3]),
+        ["split 'valid' key 'vision'", "has 3 examples but 'text' has 4"],
+    ),
+    (
+        "n_mismatch_labels",
+        MMSA,
+        _set("test", "regression_labels", lambda x: x[:2]),
+        ["split 'test' key 'regression_labels'", "has 2 examples but 'text' has 4"],
+    ),
+    (
+        "n_mismatch_mult_labels",
+        MULT,
+        _set("train", "labels", lambda x: x[:5]),
+        ["split 'train' key 'labels'", "has 5 examples but 'text' has 6"],
+    ),
+    (
+        "nan_text",
+        MMSA,
+        _poke("train", "text", (1, 2, 3), np.nan),
+        ["split 'train' key 'text'", "1 NaN", "(1, 2, 3)"],
+    ),
+    (
+        "posinf_vision",
+        MULT,
+        _poke("valid", "vision", (0, 1, 2), np.inf),
+        ["split 'valid' key 'vision'", "0 NaN and 1 inf"],
+    ),
+    (
+        "neginf_text",
+        MULT,
+        _poke("test", "text", (2, 0, 0), -np.inf),
+        ["split 'test' key 'text'", "1 inf"],
+    ),
+    (
+        "nan_audio",
+        MMSA,
+        _poke("test", "audio", (3, 1, 1), np.nan),
+        ["split 'test' key 'audio'", "1 NaN"],
+    ),
+    (
+        "sentiment_range",
+        MMSA,
+        _poke("train", "regression_labels", 4, 3.5),
+        ["split 'train' key 'regression_labels'", "3.5 at index 4 is outside [-3, 3]"],
+    ),
+    (
+        "sentiment_range_mult",
+        MULT,
+        _poke("valid", "labels", (2, 0, 0), -4.0),
+        ["split 'valid' key 'labels'", "-4.0 at index 2 is outside [-3, 3]"],
+    ),
+    (
+        "sentiment_nan_label",
+        MULT,
+        _poke("valid", "labels", (1, 0, 0), np.nan),
+        ["split 'valid' key 'labels'", "1 NaN"],
+    ),
+    (
+        "sentiment_label_shape",
+        MULT,
+        _set("train", "labels", lambda x: np.repeat(x, 2, axis=1)),
+        ["split 'train' key 'labels'", "got shape (6, 2, 1)"],
+    ),
+    (
+        "iemocap_not_binary",
+        IEMO,
+        _poke("train", "labels", (1, 2, 0), 0.5),
+        ["iemocap_data.pkl", "split 'train' key 'labels'", "must be 0 or 1", "(1, 2, 0)"],
+    ),
+    (
+        "iemocap_not_one_hot",
+        IEMO,
+        _poke("valid", "labels", (3, 1), [1.0, 1.0]),
+        ["split 'valid' key 'labels'", "must be one-hot", "index (3, 1) sums to 2"],
+    ),
+    (
+        "iemocap_wrong_shape",
+        IEMO,
+        _set("test", "labels", lambda x: x[:, :, 1]),
+        ["split 'test' key 'labels'", "expected [N, 4, 2] one-hot, got shape (4, 4)"],
+    ),
+    (
+        "iemocap_wrong_classes",
+        IEMO,
+        _set("test", "labels", lambda x: x[:, :3]),
+        ["split 'test' key 'labels'", "got shape (4, 3, 2)"],
+    ),
+    (
+        "empty_split",
+        MMSA,
+        lambda d: d.update(
+            test={k: (v[:0] if hasattr(v, "shape") else v[:0]) for k, v in d["test"].items()}
+        ),
+        ["split 'test'", "empty split"],
+    ),
+    (
+        "dims_differ_between_splits",
+        MMSA,
+        _set("valid", "audio", lambda x: x[:, :, :4]),
+        ["split 'valid' key 'audio'", "(8, 4)", "differs from split 'train'", "(8, 5)"],
+    ),
+    (
+        "dims_differ_mult",
+        MULT,
+        _set("test", "text", lambda x: x[:, :, :299]),
+        ["split 'test' key 'text'", "feature dims must agree"],
+    ),
+    (
+        "lengths_too_long",
+        MMSA_U,
+        _set("train", "audio_lengths", lambda x: [99] + x[1:]),
+        ["split 'train' key 'audio_lengths'", "[0, 12]", "max 99"],
+    ),
+    (
+        "lengths_wrong_count",
+        MMSA_U,
+        _set("valid", "audio_lengths", lambda x: x[:2]),
+        ["split 'valid' key 'audio_lengths'", "has 2 examples"],
+    ),
+    (
+        "text_bert_wrong_shape",
+        MMSA,
+        _set("train", "text_bert", lambda x: x[:, :2]),
+        ["split 'train' key 'text_bert'", "got shape (6, 2, 8)"],
+    ),
 ]
 
 
@@ -317,11 +459,14 @@ def test_corrupted_pickles_raise_named_value_errors(tmp_path, case):
     assert _leftovers(data_dir) == []
 
 
-@pytest.mark.parametrize("content,fragment", [
-    (b"this is not a pickle", "not a readable pickle"),
-    (b"", "not a readable pickle"),
-    (pickle.dumps([1, 2, 3]), "expected a dict with keys ['train', 'valid', 'test'], got list"),
-])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (b"this is not a pickle", "not a readable pickle"),
+        (b"", "not a readable pickle"),
+        (pickle.dumps([1, 2, 3]), "expected a dict with keys ['train', 'valid', 'test'], got list"),
+    ],
+)
 def test_unreadable_files(tmp_path, content, fragment):
     path = tmp_path / "aligned_50.pkl"
     path.write_bytes(content)
@@ -341,12 +486,17 @@ def test_missing_path_and_files(tmp_path):
     with pytest.raises(ValueError, match="empty: file not found.*mosei_senti_data.pkl"):
         prepare(_cfg("cmu_mosei", str(tmp_path / "empty")), data_dir=str(tmp_path / "tfds"))
     with pytest.raises(ValueError, match="iemocap_data.pkl"):
-        prepare(_cfg("iemocap", str(tmp_path / "empty"), layout="mult"),
-                data_dir=str(tmp_path / "tfds"))
+        prepare(
+            _cfg("iemocap", str(tmp_path / "empty"), layout="mult"), data_dir=str(tmp_path / "tfds")
+        )
     with pytest.raises(ValueError, match="iemocap only exists in the MulT layout"):
-        prepare(_cfg("iemocap", str(tmp_path / "empty"), layout="mmsa_aligned"),
-                data_dir=str(tmp_path / "tfds"))
+        prepare(
+            _cfg("iemocap", str(tmp_path / "empty"), layout="mmsa_aligned"),
+            data_dir=str(tmp_path / "tfds"),
+        )
     with pytest.raises(ValueError, match="layout.*must be one of"):
-        prepare(_cfg("cmu_mosi", str(tmp_path / "empty"), layout="mmsa"),
-                data_dir=str(tmp_path / "tfds"))
+        prepare(
+            _cfg("cmu_mosi", str(tmp_path / "empty"), layout="mmsa"),
+            data_dir=str(tmp_path / "tfds"),
+        )
     assert _leftovers(str(tmp_path / "tfds")) == []

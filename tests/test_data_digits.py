@@ -21,8 +21,11 @@ def test_info(built):
     assert info.modalities == ("left", "right", "down")
     assert info.feature_shapes == {"left": (8, 4), "right": (8, 4), "down": (4, 4)}
     assert info.split_sizes == {"train": 1257, "valid": 270, "test": 270}
-    assert (info.task, info.num_classes, info.metric_family) == ("classification", 10,
-                                                                 "classification")
+    assert (info.task, info.num_classes, info.metric_family) == (
+        "classification",
+        10,
+        "classification",
+    )
 
 
 def test_views_rebuild_the_images_and_cover_the_dataset_once(built):
@@ -37,7 +40,7 @@ def test_views_rebuild_the_images_and_cover_the_dataset_once(built):
         down = np.zeros((len(images), 4, 4), np.float32)
         for r in range(4):
             for c in range(4):
-                down[:, r, c] = images[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean(axis=(1, 2))
+                down[:, r, c] = images[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(axis=(1, 2))
         np.testing.assert_allclose(arrays["down"], down, atol=1e-6)
         np.testing.assert_array_equal(arrays["lengths"], np.tile([8, 8, 4], (len(images), 1)))
         rebuilt.append(images)

@@ -15,14 +15,18 @@ def _cfg(path, **kw):
 
 
 def test_classification_with_meta(tmp_path):
-    raw = fx.write_npz_folder(str(tmp_path / "src"), meta={"task": "classification",
-                                                           "modalities": ["zeta", "alpha"]})
+    raw = fx.write_npz_folder(
+        str(tmp_path / "src"), meta={"task": "classification", "modalities": ["zeta", "alpha"]}
+    )
     cfg = _cfg(tmp_path / "src")
     info = prepare(cfg, data_dir=str(tmp_path / "tfds"))
     assert info.modalities == ("zeta", "alpha")  # meta.json order, not sorted
     assert info.feature_shapes == {"zeta": (5, 3), "alpha": (4,)}
-    assert (info.task, info.num_classes, info.metric_family) == ("classification", 3,
-                                                                 "classification")
+    assert (info.task, info.num_classes, info.metric_family) == (
+        "classification",
+        3,
+        "classification",
+    )
     got = load_split(cfg, "valid", data_dir=str(tmp_path / "tfds"))
     np.testing.assert_array_equal(got["zeta"], raw["valid"]["zeta"].astype(np.float32))
     np.testing.assert_array_equal(got["alpha"], raw["valid"]["alpha"])
@@ -55,12 +59,27 @@ def test_integer_labels_without_meta_mean_classification(tmp_path):
     assert info.feature_shapes["zeta"] == (2, 3)
 
 
+def test_splits_with_different_lengths_are_padded_to_the_longest(tmp_path):
+    data = fx.npz_data()
+    data["valid"]["zeta"] = np.ones((4, 7, 3))  # train and test have T = 5
+    fx.write_npz_folder(str(tmp_path / "src"), data=data)
+    cfg = _cfg(tmp_path / "src")
+    assert prepare(cfg, data_dir=str(tmp_path / "tfds")).feature_shapes["zeta"] == (7, 3)
+    train = load_split(cfg, "train", data_dir=str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(train["zeta"][:, 5:], 0.0)
+    np.testing.assert_array_equal(train["lengths"][:, 1], 5)
+    valid = load_split(cfg, "valid", data_dir=str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(valid["lengths"][:, 1], 7)
+
+
 # --- Bad input ------------------------------------------------------------------------------------
+
 
 def _mut(split, key, fn):
     def f(data, meta):
         data[split][key] = fn(data[split][key])
         return data, meta
+
     return f
 
 
@@ -75,40 +94,119 @@ def _inf_regression_label(data, meta):
 
 
 CORRUPTIONS = [
-    ("labels_float_for_classification", _mut("train", "labels", lambda y: y + 0.5),
-     "train.npz", "split 'train' key 'labels'", "must be integers, got dtype float64"),
-    ("negative_label", _mut("valid", "labels", lambda y: y - 1),
-     "valid.npz", "split 'valid' key 'labels'", "negative class label -1"),
-    ("label_beyond_train_classes", _mut("test", "labels", lambda y: y + 3),
-     "test.npz", "split 'test' key 'labels'", "label 5 >= C = 3"),
-    ("labels_rank_2", _mut("train", "labels", lambda y: y[:, None]),
-     "train.npz", "split 'train' key 'labels'", "expected rank 1 [N], got shape (6, 1)"),
-    ("rank_4_modality", _mut("valid", "zeta", lambda x: x[..., None]),
-     "valid.npz", "split 'valid' key 'zeta'", "got shape (4, 5, 3, 1)"),
-    ("rank_changes_between_splits", _mut("test", "zeta", lambda x: x[:, 0]),
-     "test.npz", "split 'test' key 'zeta'", "feature dims must agree"),
-    ("dims_differ_between_splits", _mut("valid", "alpha", lambda x: x[:, :3]),
-     "valid.npz", "split 'valid' key 'alpha'", "(3,) per example differs from split 'train'"),
-    ("n_mismatch", _mut("train", "alpha", lambda x: x[:5]),
-     "train.npz", "split 'train' key", "has 5 examples but 'labels' has 6"),
-    ("nan_feature", _mut("test", "zeta", lambda x: np.where(np.arange(5)[:, None] == 2, np.nan, x)),
-     "test.npz", "split 'test' key 'zeta'", "NaN"),
-    ("inf_regression_label", _inf_regression_label,
-     "train.npz", "split 'train' key 'labels'", "0 NaN and 1 inf"),
-    ("empty_split", lambda d, m: ({**d, "valid": {k: v[:0] for k, v in d["valid"].items()}}, m),
-     "valid.npz", "split 'valid'", "empty split"),
-    ("missing_modality", _meta({"modalities": ["zeta", "beta"]}),
-     "train.npz", "split 'train' key 'beta'", "missing key"),
-    ("missing_labels", lambda d, m: ({**d, "test": {"zeta": d["test"]["zeta"],
-                                                    "alpha": d["test"]["alpha"]}}, m),
-     "test.npz", "split 'test' key 'labels'", "missing key"),
+    (
+        "labels_float_for_classification",
+        _mut("train", "labels", lambda y: y + 0.5),
+        "train.npz",
+        "split 'train' key 'labels'",
+        "must be integers, got dtype float64",
+    ),
+    (
+        "negative_label",
+        _mut("valid", "labels", lambda y: y - 1),
+        "valid.npz",
+        "split 'valid' key 'labels'",
+        "negative class label -1",
+    ),
+    (
+        "label_beyond_train_classes",
+        _mut("test", "labels", lambda y: y + 3),
+        "test.npz",
+        "split 'test' key 'labels'",
+        "label 5 >= C = 3",
+    ),
+    (
+        "labels_rank_2",
+        _mut("train", "labels", lambda y: y[:, None]),
+        "train.npz",
+        "split 'train' key 'labels'",
+        "expected rank 1 [N], got shape (6, 1)",
+    ),
+    (
+        "rank_4_modality",
+        _mut("valid", "zeta", lambda x: x[..., None]),
+        "valid.npz",
+        "split 'valid' key 'zeta'",
+        "got shape (4, 5, 3, 1)",
+    ),
+    (
+        "rank_changes_between_splits",
+        _mut("test", "zeta", lambda x: x[:, 0]),
+        "test.npz",
+        "split 'test' key 'zeta'",
+        "feature dims must agree",
+    ),
+    (
+        "dims_differ_between_splits",
+        _mut("valid", "alpha", lambda x: x[:, :3]),
+        "valid.npz",
+        "split 'valid' key 'alpha'",
+        "(3,) per example differs from split 'train'",
+    ),
+    (
+        "n_mismatch",
+        _mut("train", "alpha", lambda x: x[:5]),
+        "train.npz",
+        "split 'train' key",
+        "has 5 examples but 'labels' has 6",
+    ),
+    (
+        "nan_feature",
+        _mut("test", "zeta", lambda x: np.where(np.arange(5)[:, None] == 2, np.nan, x)),
+        "test.npz",
+        "split 'test' key 'zeta'",
+        "NaN",
+    ),
+    (
+        "inf_regression_label",
+        _inf_regression_label,
+        "train.npz",
+        "split 'train' key 'labels'",
+        "0 NaN and 1 inf",
+    ),
+    (
+        "empty_split",
+        lambda d, m: ({**d, "valid": {k: v[:0] for k, v in d["valid"].items()}}, m),
+        "valid.npz",
+        "split 'valid'",
+        "empty split",
+    ),
+    (
+        "missing_modality",
+        _meta({"modalities": ["zeta", "beta"]}),
+        "train.npz",
+        "split 'train' key 'beta'",
+        "missing key",
+    ),
+    (
+        "missing_labels",
+        lambda d, m: ({**d, "test": {"zeta": d["test"]["zeta"], "alpha": d["test"]["alpha"]}}, m),
+        "test.npz",
+        "split 'test' key 'labels'",
+        "missing key",
+    ),
     ("bad_task", _meta({"task": "ranking"}), "meta.json", "key 'task'", "must be one of"),
-    ("bad_modalities", _meta({"modalities": "zeta"}), "meta.json", "key 'modalities'",
-     "expected a non-empty list"),
-    ("reserved_name", _meta({"modalities": ["zeta", "mask"]}), "meta.json", "key 'mask'",
-     "cannot be a modality name"),
-    ("non_numeric", _mut("train", "alpha", lambda x: x.astype(str)),
-     "train.npz", "split 'train' key 'alpha'", "expected a numeric array"),
+    (
+        "bad_modalities",
+        _meta({"modalities": "zeta"}),
+        "meta.json",
+        "key 'modalities'",
+        "expected a non-empty list",
+    ),
+    (
+        "reserved_name",
+        _meta({"modalities": ["zeta", "mask"]}),
+        "meta.json",
+        "key 'mask'",
+        "cannot be a modality name",
+    ),
+    (
+        "non_numeric",
+        _mut("train", "alpha", lambda x: x.astype(str)),
+        "train.npz",
+        "split 'train' key 'alpha'",
+        "expected a numeric array",
+    ),
 ]
 
 
@@ -143,8 +241,11 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "src" / "meta.json").write_text("{task: classification")
     with pytest.raises(ValueError, match="meta.json: not readable JSON"):
         prepare(_cfg(tmp_path / "src"), data_dir=str(tmp_path / "tfds"))
-    np.savez(tmp_path / "src" / "train.npz",
-             labels=np.arange(6), text=np.array([object()] * 6, dtype=object))
+    np.savez(
+        tmp_path / "src" / "train.npz",
+        labels=np.arange(6),
+        text=np.array([object()] * 6, dtype=object),
+    )
     os.remove(tmp_path / "src" / "meta.json")
     with pytest.raises(ValueError, match="train.npz: split 'train': not a readable .npz"):
         prepare(_cfg(tmp_path / "src"), data_dir=str(tmp_path / "tfds"))

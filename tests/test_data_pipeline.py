@@ -21,8 +21,16 @@ N_TRAIN = 23  # prime: no batch size or shard count divides it
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    cfg = ml_collections.ConfigDict({"name": "synthetic", "num_train": N_TRAIN, "num_valid": 5,
-                                     "num_test": 7, "seq_len": 3, "data_seed": 3})
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "synthetic",
+            "num_train": N_TRAIN,
+            "num_valid": 5,
+            "num_test": 7,
+            "seq_len": 3,
+            "data_seed": 3,
+        }
+    )
     info = prepare(cfg, data_dir=data_dir)
     train = load_split(cfg, "train", data_dir=data_dir)
     index = {train["text"][i].tobytes(): i for i in range(N_TRAIN)}
@@ -44,10 +52,14 @@ def _ids(setup, batches):
 def test_info(setup):
     info = setup[2]
     assert info == DatasetInfo(
-        name="synthetic", modalities=("text", "audio", "vision"),
+        name="synthetic",
+        modalities=("text", "audio", "vision"),
         feature_shapes={"text": (3, 16), "audio": (3, 12), "vision": (3, 8)},
-        task="classification", num_classes=4, metric_family="classification",
-        split_sizes={"train": N_TRAIN, "valid": 5, "test": 7})
+        task="classification",
+        num_classes=4,
+        metric_family="classification",
+        split_sizes={"train": N_TRAIN, "valid": 5, "test": 7},
+    )
 
 
 def test_batches_have_the_batch_format(setup):
@@ -87,13 +99,16 @@ def test_epochs(setup):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_shards_partition_the_split(setup, shuffle):
-    shards = [_ids(setup, _loader(setup, shuffle=shuffle, shard_index=i, shard_count=3))
-              for i in range(3)]
+    shards = [
+        _ids(setup, _loader(setup, shuffle=shuffle, shard_index=i, shard_count=3)) for i in range(3)
+    ]
     assert sorted(len(s) for s in shards) == [7, 8, 8]
     assert sorted(sum(shards, [])) == list(range(N_TRAIN))  # disjoint and complete
     # drop_remainder also evens out the shards, so every host yields as many batches.
-    even = [_ids(setup, _loader(setup, batch_size=1, drop_remainder=True, shard_index=i,
-                                shard_count=3)) for i in range(3)]
+    even = [
+        _ids(setup, _loader(setup, batch_size=1, drop_remainder=True, shard_index=i, shard_count=3))
+        for i in range(3)
+    ]
     assert [len(s) for s in even] == [7, 7, 7] and len(set(sum(even, []))) == 21
 
 
@@ -117,8 +132,9 @@ def test_bad_split_and_unknown_dataset(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*synthetic"):
         prepare(cfg, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="max_len must be an integer >= 0"):
-        prepare(ml_collections.ConfigDict({"name": "digits", "max_len": -1}),
-                data_dir=str(tmp_path))
+        prepare(
+            ml_collections.ConfigDict({"name": "digits", "max_len": -1}), data_dir=str(tmp_path)
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -128,12 +144,25 @@ def test_build_cli(tmp_path):
     for split, n in (("train", 5), ("valid", 3), ("test", 3)):
         np.savez(folder / f"{split}.npz", a=np.ones((n, 2, 3)), labels=np.arange(n) % 2)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "data_pipelines.build", "--dataset=npz",
-           f"--manual_dir={folder}", f"--data_dir={tmp_path / 'tfds'}", "--max_len=4"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.build",
+        "--dataset=npz",
+        f"--manual_dir={folder}",
+        f"--data_dir={tmp_path / 'tfds'}",
+        "--max_len=4",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    info = json.loads(out.stdout[out.stdout.index("{"):])
+    info = json.loads(out.stdout[out.stdout.index("{") :])
     assert info["feature_shapes"] == {"a": [4, 3]} and info["split_sizes"]["train"] == 5
     # The trainer's prepare() with the same dataset block reuses that build.
     cfg = ml_collections.ConfigDict({"name": "npz", "path": str(folder), "max_len": 4})

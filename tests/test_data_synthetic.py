@@ -39,8 +39,11 @@ def test_shapes_and_info(tmp_path):
     info = prepare(_cfg(**TINY), data_dir=str(tmp_path))
     assert info.modalities == ("text", "audio", "vision")
     assert info.feature_shapes == {"text": (4, 16), "audio": (4, 12), "vision": (4, 8)}
-    assert (info.task, info.num_classes, info.metric_family) == ("classification", 4,
-                                                                 "classification")
+    assert (info.task, info.num_classes, info.metric_family) == (
+        "classification",
+        4,
+        "classification",
+    )
     info = prepare(_cfg(**TINY, task="regression"), data_dir=str(tmp_path))
     assert (info.task, info.num_classes, info.metric_family) == ("regression", 1, "regression")
     y = load_split(_cfg(**TINY, task="regression"), "test", data_dir=str(tmp_path))["label"]
@@ -74,12 +77,15 @@ def test_imbalance_text_dominates_audio_vision_jointly_sufficient():
     s = synthetic.generate(_cfg()).splits  # default sizes 2000/500/1000
 
     def acc(mods):
-        model = LogisticRegression(max_iter=500).fit(_pooled(s["train"], mods),
-                                                     s["train"]["label"])
+        model = LogisticRegression(max_iter=500).fit(_pooled(s["train"], mods), s["train"]["label"])
         return model.score(_pooled(s["test"], mods), s["test"]["label"])
 
-    text, joint, audio, vision = acc(["text"]), acc(["audio", "vision"]), acc(["audio"]), acc(
-        ["vision"])
+    text, joint, audio, vision = (
+        acc(["text"]),
+        acc(["audio", "vision"]),
+        acc(["audio"]),
+        acc(["vision"]),
+    )
     assert text >= 0.88
     assert 0.65 <= joint <= 0.88
     assert audio <= 0.65 and vision <= 0.65

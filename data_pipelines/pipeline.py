@@ -258,6 +258,13 @@ def make_loader(
     shard_options = grain.sharding.ShardOptions(  # validates index and count
         shard_index=shard_index, shard_count=shard_count, drop_remainder=drop_remainder
     )
+    if dataset_cfg.get("in_memory", True):
+        return _in_memory_loader(
+            load_split(dataset_cfg, split, data_dir=data_dir), shard_options,
+            name=f"{info.name}/{split}", batch_size=batch_size, seed=seed, shuffle=shuffle,
+            num_epochs=num_epochs, drop_remainder=drop_remainder,
+            worker_count=int(dataset_cfg.get("worker_count", 0) or 0))
+    operations = [_to_batch_format(info)]
     source = _ShardSource(_data_source(builder, info, split), shard_options)
     if len(source) == 0:
         raise ValueError(
@@ -279,7 +286,7 @@ def make_loader(
         data_source=source,
         sampler=sampler,
         operations=[
-            _to_batch_format(info),
+            *operations,
             grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
         ],
         worker_count=int(dataset_cfg.get("worker_count", 0) or 0),
@@ -315,6 +322,92 @@ class _ShardSource:
     def __repr__(self) -> str:
         # grain checks this against the checkpointed state, so a shard only resumes its own state.
         return self._repr
+
+
+# "Forever" for an in-memory loader: grain needs a finite record count.
+_MAX_EPOCHS = 1_000_000
+
+
+def _in_memory_loader(arrays, shard_options, *, name, batch_size, seed, shuffle, num_epochs,
+                      drop_remainder, worker_count):
+    """A grain DataLoader whose records are whole batches of an in-memory split.
+
+    Decoding TFDS records one at a time, and grain's per-record bookkeeping, cap a loader near
+    1k examples/s on a busy CPU core, slower than a training step. Here the array_record split is
+    read once into RAM and grain walks over *batches*: record k is batch ``k % nb`` of epoch
+    ``k // nb``, whose rows come from a permutation seeded by ``(seed, epoch)``. Shuffling,
+    epochs, per-host shards and grain's checkpointable iterator state keep their meaning.
+    """
+    shard = _ShardSource(_ArraySource(arrays, name), shard_options)
+    rows = np.arange(shard._start, shard._stop)
+    source = _EpochBatchSource({k: v[rows] for k, v in arrays.items()}, batch_size=batch_size,
+                               seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
+                               num_epochs=num_epochs or _MAX_EPOCHS, name=repr(shard))
+    if len(source) == 0:
+        raise ValueError(f"{name}: {len(rows)} examples in this shard, fewer than one batch of "
+                         f"{batch_size}")
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=False,
+        num_epochs=1, seed=seed)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=[],
+                            worker_count=worker_count,
+                            shard_options=grain.sharding.NoSharding())
+
+
+class _EpochBatchSource:
+    """Record k = batch ``k % nb`` of epoch ``k // nb`` of an in-memory split (see above)."""
+
+    def __init__(self, arrays, *, batch_size, seed, shuffle, drop_remainder, num_epochs, name):
+        self._arrays = arrays
+        self._n = len(arrays["label"])
+        self._batch = batch_size
+        self._seed, self._shuffle = seed, shuffle
+        self._per_epoch = (self._n // batch_size if drop_remainder
+                           else -(-self._n // batch_size))
+        self._epochs = num_epochs
+        self._name = name
+        self._cached = (None, None)
+
+    def __len__(self) -> int:
+        return self._per_epoch * self._epochs
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            order = (np.random.default_rng([self._seed, epoch]).permutation(self._n)
+                     if self._shuffle else np.arange(self._n))
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, j = divmod(int(index), self._per_epoch)
+        idx = self._order(epoch)[j * self._batch:(j + 1) * self._batch]
+        return {k: v[idx] for k, v in self._arrays.items()}
+
+    def __repr__(self) -> str:
+        # grain checks this against the checkpointed state: a resumed run must see the same data.
+        return (f"EpochBatches({self._name}, n={self._n}, batch={self._batch}, "
+                f"seed={self._seed}, shuffle={self._shuffle})")
+
+
+class _ArraySource:
+    """A split held in memory as stacked batch-format arrays; random access by row."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], name: str):
+        self._arrays = arrays
+        self._len = len(arrays["label"])
+        self._name = name
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index] for k, v in self._arrays.items()}
+
+    def __getitems__(self, indices):
+        return [self[int(i)] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"InMemory({self._name}, n={self._len})"
 
 
 def load_split(dataset_cfg, split: str, *, data_dir: str) -> dict[str, np.ndarray]:

@@ -43,11 +43,13 @@ class Encoder(nnx.Module):
             raise ValueError(f"model.encoder: unknown encoder {kind!r}; expected one of {ENCODERS}")
         self.kind = kind
         self.proj = nnx.Linear(in_dim, d, rngs=rngs)
+        # Learned positions: mean pooling alone would throw away *where* a pattern occurs (a digit's
+        # rows, a word's place in the utterance).
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d)))
         if kind == "conv":
             # Kernel 3 over time: local temporal patterns (MulT-style 1-D conv front end).
             self.conv = nnx.Conv(d, d, kernel_size=(3,), padding="SAME", rngs=rngs)
         elif kind == "transformer":
-            self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d)))
             self.attn = nnx.MultiHeadAttention(num_heads=num_heads, in_features=d, qkv_features=d,
                                                decode=False, rngs=rngs)
             self.norm1 = nnx.LayerNorm(d, rngs=rngs)
@@ -59,11 +61,10 @@ class Encoder(nnx.Module):
         if x.ndim == 2:  # a vector modality is a length-1 sequence
             x = x[:, None, :]
         tmask = _time_mask(lengths, x.shape[1])  # [B, T]
-        y = nnx.gelu(self.proj(x))  # [B, T, d]
+        y = nnx.gelu(self.proj(x) + self.pos[None, : x.shape[1]])  # [B, T, d]
         if self.kind == "conv":
             y = nnx.gelu(self.conv(y * tmask[..., None]))
         elif self.kind == "transformer":
-            y = y + self.pos[None, : y.shape[1]]
             attn_mask = nnx.make_attention_mask(tmask, tmask)  # [B, 1, T, T]
             y = self.norm1(y + self.attn(y, mask=attn_mask, deterministic=True))
             y = self.norm2(y + nnx.gelu(self.ff(y)))

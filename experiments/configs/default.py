@@ -46,6 +46,9 @@ def _dataset(preset: str) -> ml_collections.ConfigDict:
     ds.seq_len = 8
     ds.latent_dim = 8
     ds.data_seed = 0
+    # Read each split into RAM once and let grain walk over batches (fast); False streams the
+    # array_record records one by one (for splits that do not fit in memory).
+    ds.in_memory = True
     # grain worker processes for the training loader (0 = in the main process).
     ds.worker_count = 0
     return ds

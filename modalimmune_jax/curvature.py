@@ -106,8 +106,9 @@ def lanczos_tridiagonal(
     """Lanczos tridiagonalisation of a symmetric operator on flat vectors.
 
     Builds an orthonormal Krylov basis ``V = [v_0 .. v_{m-1}]`` and ``T = Vᵀ A V`` tridiagonal, with
-    full reorthogonalisation (Gram-Schmidt applied twice), so that ``eigvalsh(T)`` (the Ritz values)
-    are free of the spurious copies that plain Lanczos produces in finite precision. The extreme
+    full reorthogonalisation (the three-term recurrence, then one Gram-Schmidt pass against all of
+    ``V``), so that ``eigvalsh(T)`` (the Ritz values) are free of the spurious copies that plain
+    Lanczos produces in finite precision. The extreme
     Ritz values converge to the extreme eigenvalues of ``A`` from the inside, much faster than power
     iteration. On breakdown (the Krylov space is invariant) it restarts from the coordinate axis
     least represented in ``V``, orthogonalised, with a zero coupling, so ``T`` stays a valid
@@ -128,20 +129,21 @@ def lanczos_tridiagonal(
     m = max(1, min(int(num_iters), n))
     eps = jnp.finfo(dtype).eps
 
-    def orthogonalize(basis, w):
-        # Twice is enough (Giraud et al. 2005): one pass loses orthogonality in float32. Rows of
-        # `basis` not yet filled are zero and contribute nothing. HIGHEST: no TF32 on GPUs.
-        for _ in range(2):
+    def orthogonalize(basis, w, passes):
+        # Rows of `basis` not yet filled are zero and contribute nothing. HIGHEST: no TF32 on GPUs.
+        for _ in range(passes):
             coeffs = jnp.matmul(basis, w, precision=_HIGHEST)
             w = w - jnp.matmul(basis.T, coeffs, precision=_HIGHEST)
         return w
 
     def lanczos_step(i, carry):
-        basis, alphas, betas, v = carry
+        basis, alphas, betas, v, v_prev, beta_prev = carry
         basis = basis.at[i].set(v)
         av = matvec(v).astype(dtype)
         alpha = jnp.vdot(v, av, precision=_HIGHEST)
-        w = orthogonalize(basis, av)
+        # The recurrence removes the large components, so one pass over V (the memory-bound part,
+        # m·n per pass) restores orthogonality to working precision.
+        w = orthogonalize(basis, av - alpha * v - beta_prev * v_prev, passes=1)
         beta = jnp.linalg.norm(w)
         # Exact (or round-off level) invariance: w / beta would be 0/0 or pure noise.
         breakdown = beta <= 10 * eps * jnp.linalg.norm(av)
@@ -151,16 +153,17 @@ def lanczos_tridiagonal(
             # a component of squared norm >= 1/n outside. Deterministic and RNG-free (RNG kernels
             # are slow to compile inside loops).
             e = jax.nn.one_hot(jnp.argmin(jnp.sum(basis**2, axis=0)), n, dtype=dtype)
-            r = orthogonalize(basis, e)
+            r = orthogonalize(basis, e, passes=2)  # twice is enough (Giraud et al. 2005)
             return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(dtype).tiny)
 
         v_next = lax.cond(breakdown, restart, lambda _: w / beta, None)
         beta = jnp.where(breakdown, jnp.zeros_like(beta), beta)
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), v_next
+        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), v_next, v, beta
 
     v = v0.astype(dtype) / jnp.linalg.norm(v0.astype(dtype))
-    init = (jnp.zeros((m, n), dtype), jnp.zeros((m,), dtype), jnp.zeros((m,), dtype), v)
-    _, alphas, betas, _ = lax.fori_loop(0, m, lanczos_step, init)
+    zeros = jnp.zeros((m,), dtype)
+    init = (jnp.zeros((m, n), dtype), zeros, zeros, v, jnp.zeros_like(v), jnp.zeros([], dtype))
+    _, alphas, betas, *_ = lax.fori_loop(0, m, lanczos_step, init)
     return alphas, betas[:-1]
 
 

@@ -1,0 +1,364 @@
+"""experiments.reproduce: seed summaries and tables on hand-made results, PNGs, and the suite end to end.
+
+The summaries and tables are checked against numbers worked out by hand (closed-form areas of
+linear curves); the end-to-end run trains one tiny synthetic model and checks the files, their
+structure, the resume path and the unlearning hook (with a stand-in `experiments.unlearn`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from experiments import plots, reproduce, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODS = ("text", "audio", "vision")
+# The 6 missing conditions for MODS, written out (not computed) so the column order is checked too.
+CONDITIONS = ("text+audio", "text+vision", "audio+vision", "text", "audio", "vision")
+RATES = [f"{0.1 * i:.1f}" for i in range(8)]
+LEVELS = [f"{0.1 * i:.1f}" for i in range(10)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval(full, missing, rm_fn, corr_fns, metric="acc"):
+    """A hand-made eval.json body: rm_fn(rate) and corr_fns[(m, kind)](level) give the metric."""
+    per = {c: {metric: v} for c, v in zip(CONDITIONS, missing, strict=True)}
+    return {
+        "full": {metric: full},
+        "missing": per,
+        "missing_avg": {metric: float(np.mean(missing))},
+        "random_missing": {r: {metric: rm_fn(float(r))} for r in RATES},
+        "corruption": {m: {kind: {lv: {metric: corr_fns.get((m, kind), lambda x: 0.5)(float(lv))}
+                                  for lv in LEVELS} for kind in ("gaussian", "timestep_drop")}
+                       for m in MODS},
+    }
+
+
+def _hand_made_evals():
+    """erm degrades linearly; `flat` does not. Two seeds each, so std is non-trivial."""
+    erm = [
+        _eval(0.90, [0.8, 0.7, 0.6, 0.5, 0.4, 0.3], lambda r: 0.90 - 0.5 * r,
+              {("text", "gaussian"): lambda x: 0.9 - 0.2 * x,
+               ("audio", "gaussian"): lambda x: 0.9 - 0.1 * x}),
+        _eval(0.80, [0.7, 0.7, 0.6, 0.5, 0.4, 0.2], lambda r: 0.92 - 0.3 * r,
+              {("text", "gaussian"): lambda x: 0.9 - 0.2 * x,
+               ("audio", "gaussian"): lambda x: 0.9 - 0.1 * x}),
+    ]
+    flat = [
+        _eval(0.85, [0.8, 0.8, 0.8, 0.8, 0.8, 0.8], lambda r: 0.80,
+              {("text", "gaussian"): lambda x: 0.8,
+               ("audio", "gaussian"): lambda x: 0.7 - 0.1 * x}),
+        _eval(0.87, [0.9, 0.8, 0.8, 0.8, 0.8, 0.6], lambda r: 0.84,
+              {("text", "gaussian"): lambda x: 0.8,
+               ("audio", "gaussian"): lambda x: 0.7 - 0.1 * x}),
+    ]
+    return {"erm": erm, "flat": flat}
+
+
+@pytest.fixture(scope="module")
+def hand_results():
+    evals = _hand_made_evals()
+    return reproduce.aggregate(evals, metric="acc", reference=evals["erm"])
+
+
+def _close(stat, mean, std):
+    np.testing.assert_allclose([stat["mean"], stat["std"]], [mean, std], atol=1e-9)
+
+
+def test_aggregate_mean_std_and_robustness_by_hand(hand_results):
+    flat, erm = hand_results["flat"], hand_results["erm"]
+    _close(erm["full"]["acc"], 0.85, 0.05)  # seeds 0.90, 0.80: population std 0.05
+    _close(flat["full"]["acc"], 0.86, 0.01)
+    _close(flat["missing"]["text"]["acc"], 0.8, 0.0)
+    _close(flat["missing"]["vision"]["acc"], 0.7, 0.1)
+    _close(flat["random_missing"]["0.3"]["acc"], 0.82, 0.02)
+    # Random missing, rates 0..0.7 (mean rate 0.35). RR of a flat curve is its value; ER against an
+    # erm curve of slope -a is a * 0.35: seed 0 a=0.5 -> 0.175, seed 1 a=0.3 -> 0.105.
+    rm = flat["robustness"]["random_missing"]
+    _close(rm["relative"], 0.82, 0.02)
+    _close(rm["effective"], 0.14, 0.035)
+    _close(erm["robustness"]["random_missing"]["effective"], 0.0, 0.0)
+    # erm's own RR: 0.90 - 0.5*0.35 = 0.725 and 0.92 - 0.3*0.35 = 0.815.
+    _close(erm["robustness"]["random_missing"]["relative"], 0.77, 0.045)
+    # Gaussian, levels 0..0.9 (mean level 0.45): text RR 0.8, ER 0.2*0.45 = 0.09; audio RR
+    # 0.7 - 0.1*0.45 = 0.655, ER 0; vision flat 0.5 vs flat 0.5: RR 0.5, ER 0. Averages:
+    gauss = flat["robustness"]["corruption_avg"]["gaussian"]
+    _close(gauss["relative"], (0.8 + 0.655 + 0.5) / 3, 0.0)
+    _close(gauss["effective"], 0.09 / 3, 0.0)
+    _close(flat["robustness"]["corruption"]["text"]["gaussian"]["effective"], 0.09, 0.0)
+    _close(flat["robustness"]["corruption_avg"]["timestep_drop"]["relative"], 0.5, 0.0)
+
+
+def test_aggregate_without_reference_has_relative_only():
+    evals = _hand_made_evals()
+    out = reproduce.aggregate({"flat": evals["flat"]}, metric="acc")
+    assert set(out["flat"]["robustness"]["random_missing"]) == {"relative"}
+    assert set(out["flat"]["robustness"]["corruption_avg"]["gaussian"]) == {"relative"}
+
+
+def _table_rows(md, first_header_cell="Method"):
+    """Markdown tables in `md` as lists of rows (each a list of cells), header first."""
+    tables, current = [], None
+    for line in md.splitlines():
+        if line.startswith("| " + first_header_cell):
+            current = [line.strip("| ").split(" | ")]
+            tables.append(current)
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("| ") and current is not None:
+            current.append(line.strip("| ").split(" | "))
+        else:
+            current = None
+    return tables
+
+
+def _cell(mean, std, scale=100.0, digits=1, signed=False):
+    sign = "+" if signed else ""
+    return f"{mean * scale:{sign}.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def test_tables_match_results(hand_results):
+    md = reproduce.render_tables(hand_results, names=["erm", "flat"], modalities=MODS,
+                                 family="classification", num_seeds=2)
+    missing, rob = _table_rows(md)
+    assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
+    assert [r[0] for r in missing[1:]] == ["erm", "flat"]
+    # Hand-worked cells: erm full 0.90/0.80 -> 85.0 ± 5.0; flat vision 0.8/0.6 -> 70.0 ± 10.0;
+    # erm Avg: per-seed averages 0.55 and 0.5166.. -> 53.3 ± 1.7.
+    assert missing[1][1] == "85.0 ± 5.0"
+    assert missing[2][missing[0].index("vision")] == "70.0 ± 10.0"
+    assert missing[1][-1] == "53.3 ± 1.7"
+    # Every cell is the results.json mean ± std, as a percentage with one decimal.
+    for row in missing[1:]:
+        res = hand_results[row[0]]
+        stats = [res["full"]["acc"], *(res["missing"][c]["acc"] for c in CONDITIONS),
+                 res["missing_avg"]["acc"]]
+        assert row[1:] == [_cell(s["mean"], s["std"]) for s in stats]
+    assert rob[0] == ["Method", "Random missing RR", "Random missing ER", "Gaussian RR",
+                      "Gaussian ER", "Timestep drop RR", "Timestep drop ER"]
+    flat_row = rob[2]
+    assert flat_row[0] == "flat"
+    assert flat_row[1] == "82.0 ± 2.0" and flat_row[2] == "+14.0 ± 3.5"
+    assert flat_row[4] == "+3.0 ± 0.0"  # 0.09 / 3
+    assert rob[1][2] == "+0.0 ± 0.0"  # erm against itself
+    assert "mean ± std over 2 seeds" in md and "`zero` protocol" in md
+
+
+def test_sentiment_tables_use_non0_acc_and_mae():
+    evals = {"erm": [_eval(0.8, [0.7] * 6, lambda r: 0.8 - 0.1 * r, {}, metric="Non0_acc_2")]}
+    for ev, mae in zip(evals["erm"], [0.7123], strict=True):
+        ev["full"]["MAE"] = mae
+        ev["missing_avg"]["MAE"] = 0.9
+        for c in CONDITIONS:
+            ev["missing"][c]["MAE"] = 0.9
+        for d in [*ev["random_missing"].values(),
+                  *(lv for m in ev["corruption"].values() for k in m.values()
+                    for lv in k.values())]:
+            d["MAE"] = 1.0
+    results = reproduce.aggregate(evals, metric="Non0_acc_2", reference=evals["erm"])
+    md = reproduce.render_tables(results, names=["erm"], modalities=MODS, family="sentiment",
+                                 num_seeds=1)
+    acc_table, mae_table, _ = _table_rows(md)
+    assert acc_table[1][1] == "80.0 ± 0.0"
+    assert mae_table[1][1] == "0.712 ± 0.000"
+    assert mae_table[1][-1] == "0.900 ± 0.000"
+    assert "`MAE`" in md and "`Non0_acc_2` (%)" in md
+
+
+def test_format_stat():
+    assert reproduce.format_stat({"mean": 0.9734, "std": 0.0041}, "acc") == "97.3 ± 0.4"
+    assert reproduce.format_stat({"mean": 0.71234, "std": 0.0101}, "MAE") == "0.712 ± 0.010"
+    assert reproduce.format_stat({"mean": 0.5, "std": 0.01}, "Corr") == "0.500 ± 0.010"
+    assert reproduce.format_stat({"mean": -0.021, "std": 0.003}, "acc",
+                                 signed=True) == "-2.1 ± 0.3"
+    assert reproduce.format_stat({"mean": -1e-17, "std": 0.0}, "acc", signed=True) == "+0.0 ± 0.0"
+
+
+def test_runs_and_ablation_configs():
+    runs = reproduce.make_runs(["erm", "modalimmune"], ablation=True)
+    assert [r.name for r in runs] == [
+        "erm", "modalimmune", "modalimmune-no_controller", "modalimmune-no_collapse",
+        "modalimmune-no_regularizer", "modalimmune-no_curvature", "modalimmune-no_meta"]
+    assert [r.name for r in reproduce.make_runs(["erm"], ablation=True)] == ["erm"]
+    base = reproduce.suite_config("synthetic", fast=True, data_dir="/d")
+    assert base.num_steps == 600 and base.dataset.data_dir == "/d"
+    config = reproduce.run_config(base, runs[3], seed=2)
+    assert config.method == "modalimmune" and config.seed == 2
+    switches = ("controller", "collapse", "regularizer", "curvature", "meta")
+    assert {s: config.mi[s] for s in switches} == {s: s != "collapse" for s in switches}
+    assert base.mi.collapse  # the base config is not modified
+    with pytest.raises(ValueError, match="--methods"):
+        reproduce.make_runs(["erm", "bogus"], ablation=False)
+
+
+def _assert_png(path, min_bytes=5000):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > min_bytes, (path, len(data))
+    # Image size from the IHDR chunk: a real figure, not a 1x1 placeholder.
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 300 and height >= 200, (path, width, height)
+
+
+def test_plots_from_hand_made_data(tmp_path, hand_results):
+    paths = [
+        plots.plot_random_missing(hand_results, metric="acc", methods=["erm", "flat"],
+                                  path=str(tmp_path / "rm.png")),
+        plots.plot_corruption(hand_results, metric="acc", modalities=MODS,
+                              methods=["erm", "flat"], path=str(tmp_path / "c.png")),
+        plots.plot_spectra({"erm": {m: np.array([0.7, 0.2, 0.1, 0.0]) for m in MODS},
+                            "modalimmune": {m: np.array([0.4, 0.3, 0.2, 0.1]) for m in MODS}},
+                           path=str(tmp_path / "s.png")),
+        plots.plot_information_gain(
+            [{"step": s, "ig/text": 0.1 * s, "gain_ema/text": 0.05 * s, "ig/audio": -0.01}
+             for s in range(1, 20)] + [{"step": 20, "valid/acc": 0.5}],
+            modalities=["text", "audio"], path=str(tmp_path / "ig.png")),
+    ]
+    for p in paths:
+        _assert_png(p)
+    with pytest.raises(ValueError, match="ig/"):
+        plots.plot_information_gain([{"step": 1, "loss": 1.0}], modalities=["text"],
+                                    path=str(tmp_path / "none.png"))
+
+
+# --------------------------------------------------------------------------------- end to end
+
+
+class _FakeUnlearn:
+    """Stands in for experiments.unlearn.unlearn: records calls, writes unlearn.json."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *, workdir, forget, method, out, steps=None):
+        self.calls.append((workdir, forget, method, steps))
+        result = {"method": method, "forget": forget, "wall_time_s": 1.5,
+                  "forget_quality": {"probe_acc": 0.25, "chance": 0.25, "alone_acc": 0.3},
+                  "retained": {"missing": {"acc": 0.5}, "full": {"acc": 0.6}}}
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "unlearn.json"), "w") as f:
+            json.dump(result, f)
+        return result
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("suite"))
+    fake = _FakeUnlearn()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "experiments.unlearn",
+                   types.SimpleNamespace(unlearn=fake, __name__="experiments.unlearn"))
+        results = reproduce.reproduce("synthetic", out, seeds=1, tiny=True, num_steps=10,
+                                      method_names=("erm",), ablation=False, unlearning=True)
+    return out, results, fake
+
+
+def test_suite_writes_results_table_and_plots(tiny_suite):
+    out, results, fake = tiny_suite
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved) == {"erm", "_meta", "unlearning"}
+    meta = saved["_meta"]
+    assert meta["seeds"] == [0] and meta["steps"] == 10 and meta["runs"] == ["erm"]
+    assert meta["modalities"] == list(MODS) and meta["curve_metric"] == "acc"
+    assert meta["wall_time_s"]["erm"] > 0
+    erm = saved["erm"]
+    assert {"full", "missing", "missing_avg", "random_missing", "corruption",
+            "robustness"} <= set(erm)
+    assert set(erm["missing"]) == set(CONDITIONS)
+    assert set(erm["random_missing"]) == set(RATES)
+    assert set(erm["corruption"]) == set(MODS)
+    assert set(erm["corruption"]["text"]["gaussian"]) == set(LEVELS)
+    # One seed: each mean is the run's own eval.json number and each std is 0.
+    with open(os.path.join(out, "runs", "erm", "seed0", "eval.json")) as f:
+        ev = json.load(f)
+    assert erm["full"]["acc"] == {"mean": ev["full"]["acc"], "std": 0.0}
+    assert erm["missing"]["audio+vision"]["acc"]["mean"] == ev["missing"]["audio+vision"]["acc"]
+    assert erm["random_missing"]["0.5"]["acc"]["mean"] == ev["random_missing"]["0.5"]["acc"]
+    _close(erm["robustness"]["random_missing"]["effective"], 0.0, 0.0)  # erm against itself
+
+    with open(os.path.join(out, "table.md")) as f:
+        md = f.read()
+    missing, rob, unl = _table_rows(md)
+    assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
+    assert [r[0] for r in missing[1:]] == ["erm"] and [r[0] for r in rob[1:]] == ["erm"]
+    assert missing[1][1] == _cell(ev["full"]["acc"], 0.0)
+    assert [r[0] for r in unl[1:]] == list(reproduce.UNLEARNING_METHODS)
+    assert "forget_quality/probe_acc" in unl[0] and "retained/missing/acc" in unl[0]
+
+    for name in ("random_missing", "corruption", "spectra"):
+        _assert_png(os.path.join(out, "plots", f"{name}.png"))
+    # The unlearning hook: erm seed 0, forgetting the first modality, each method once.
+    workdir = os.path.join(out, "runs", "erm", "seed0")
+    assert [c[2] for c in fake.calls] == list(reproduce.UNLEARNING_METHODS)
+    assert all(c[:2] == (workdir, "text") and c[3] == 5 for c in fake.calls)
+    assert saved["unlearning"]["ccu"]["forget_quality"]["probe_acc"] == 0.25
+
+
+def test_suite_rerun_resumes_without_training(tiny_suite, monkeypatch):
+    out, results, _ = tiny_suite
+
+    def no_training(config, workdir):
+        raise AssertionError(f"finished run retrained: {workdir}")
+
+    def no_unlearning(**kwargs):
+        raise AssertionError("finished unlearning re-run")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    monkeypatch.setitem(sys.modules, "experiments.unlearn",
+                        types.SimpleNamespace(unlearn=no_unlearning))
+    again = reproduce.reproduce("synthetic", out, seeds=1, tiny=True, num_steps=10,
+                                method_names=("erm",), ablation=False, unlearning=True)
+    assert again["erm"] == results["erm"]
+    assert again["unlearning"] == results["unlearning"]
+
+
+def test_cli_bad_method_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", "--suite=synthetic",
+         f"--out={tmp_path / 'o'}", "--fast", "--tiny", "--num_steps=5", "--seeds=1",
+         "--methods=erm,bogus", "--no_ablation", "--no_unlearning", "--dataset_path="],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "--methods" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_suite_two_seeds_with_modalimmune(tmp_path):
+    """erm + modalimmune, 2 seeds: std over seeds, effective robustness, spectra and IG plots."""
+    out = str(tmp_path / "suite")
+    results = reproduce.reproduce("synthetic", out, seeds=2, tiny=True, num_steps=30,
+                                  method_names=("erm", "modalimmune"), ablation=False,
+                                  unlearning=False)
+    evs = {}
+    for name in ("erm", "modalimmune"):
+        evs[name] = []
+        for k in range(2):
+            with open(os.path.join(out, "runs", name, f"seed{k}", "eval.json")) as f:
+                evs[name].append(json.load(f))
+        vals = np.array([e["full"]["acc"] for e in evs[name]])
+        _close(results[name]["full"]["acc"], vals.mean(), np.sqrt(np.mean((vals - vals.mean())
+                                                                           ** 2)))
+    for p in ("random_missing", "corruption", "spectra", "information_gain"):
+        _assert_png(os.path.join(out, "plots", f"{p}.png"))
+    # Effective robustness by hand for seed 0 of modalimmune against erm seed 0 (trapezoid).
+    r = np.array([float(x) for x in RATES])
+    s = np.array([evs["modalimmune"][0]["random_missing"][x]["acc"] for x in RATES])
+    ref = np.array([evs["erm"][0]["random_missing"][x]["acc"] for x in RATES])
+    gap = s - (ref - ref[0] + s[0])
+    er0 = np.sum((gap[1:] + gap[:-1]) / 2 * np.diff(r)) / (r[-1] - r[0])
+    s1 = np.array([evs["modalimmune"][1]["random_missing"][x]["acc"] for x in RATES])
+    ref1 = np.array([evs["erm"][1]["random_missing"][x]["acc"] for x in RATES])
+    gap1 = s1 - (ref1 - ref1[0] + s1[0])
+    er1 = np.sum((gap1[1:] + gap1[:-1]) / 2 * np.diff(r)) / (r[-1] - r[0])
+    _close(results["modalimmune"]["robustness"]["random_missing"]["effective"],
+           (er0 + er1) / 2, abs(er0 - er1) / 2)

@@ -1,9 +1,10 @@
-"""The information-gain guided controller (DESIGN.md §3.1).
+"""Information-gain guided controller: which modality to collapse next.
 
-``IG_m = mean_b[loss(f(x without m), y) - loss(f(x), y)]`` is the signed leave-one-out gain of each
-modality; an EMA ``G`` carries it between amortized refreshes; the policy leaves a step clean with
-probability ``p_clean`` and otherwise targets ``m* ~ softmax(G / tau)``: the modality the model
-currently depends on most is the one most likely to be collapsed.
+DESIGN.md §3.1. The controller measures how much the model currently depends on each modality (a
+signed leave-one-out information gain), keeps an EMA of it, and samples the collapse target from a
+softmax over that EMA, leaving a fraction ``p_clean`` of steps clean. Everything is a pure
+function of arrays: state in, state out, RNG passed in. The amortized refresh (every ``ig_every``
+steps, under ``lax.cond``) is the train step's business.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -15,64 +16,144 @@ import jax.numpy as jnp
 from modalimmune_jax.interventions import drop_modalities
 
 
-class ControllerState(NamedTuple):
-    """EMA of the gains ``gain_ema`` [M] float32 and ``count`` [] int32 refreshes so far."""
-
-    gain_ema: jax.Array
-    count: jax.Array
-
-
 def information_gain(
-    loss_fn: Callable, params, batch: Mapping[str, jax.Array], *, modalities: Sequence[str]
+    loss_fn: Callable[[object, Mapping[str, jax.Array]], jax.Array],
+    params: object,
+    batch: Mapping[str, jax.Array],
+    *,
+    modalities: Sequence[str],
 ) -> jax.Array:
-    """Signed leave-one-out information gain of every modality, with no gradient.
+    """Signed leave-one-out information gain of every modality on one batch.
 
-    ``IG_m = mean_b[ℓ(x without m) - ℓ(x)]``; "without m" zero-fills m and sets its mask to 0.
-    Positive: the model needs m; about 0: it ignores m; negative: m hurts (the sign is kept).
+    ``IG_m = mean_b[loss(x without m)_b] - mean_b[loss(x)_b]``, where "without m" zero-fills
+    modality m and sets its mask column to 0 (``drop_modalities(..., set_mask=True)``, the
+    training-intervention protocol of DESIGN §2). Positive: the model needs m; zero: it ignores m;
+    negative: removing m helps (e.g. m carries noise the model has fitted). No squaring, no
+    clipping. Computed under ``stop_gradient``, with M + 1 forward passes run as one ``lax.map``
+    over keep-vectors (one traced forward pass, whatever M).
 
     Args:
-      loss_fn: ``(params, batch) -> [B]`` per-example loss (a scalar is taken as the mean).
-      params: the model's params pytree.
-      batch: batch dict (DESIGN.md §2).
-      modalities: the M modality names, in mask column order (static).
+        loss_fn: ``loss_fn(params, batch)`` returning the per-example loss ``[B]`` (or any shape;
+            its mean is the batch loss, so a scalar mean loss also works). Deterministic: close
+            over any RNG (e.g. dropout off) so that the M + 1 passes differ only in the input.
+        params: pytree of model parameters.
+        batch: dict with one array per modality (``[B, T_m, D_m]`` or ``[B, D_m]``), ``"mask"``
+            ``[B, M] float32``, the label and any other keys.
+        modalities: the M modality names, in the column order of ``batch["mask"]``.
 
     Returns:
-      ``[M] float32``. M + 1 forward passes.
+        ``[M] float32``, the gain of each modality, in the order of ``modalities``.
+
+    Reference: DESIGN.md §3.1; ModalImmune (arXiv 2602.16197), signed rather than squared.
     """
-    params = jax.lax.stop_gradient(params)
-    batch = jax.lax.stop_gradient(batch)
-    base = jnp.mean(loss_fn(params, batch))
-    gains = []
-    for i in range(len(modalities)):  # M is small and static
-        keep = jnp.ones(len(modalities)).at[i].set(0.0)
-        without = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
-        gains.append(jnp.mean(loss_fn(params, without)) - base)
-    return jnp.stack(gains).astype(jnp.float32)
+    params, batch = jax.lax.stop_gradient((params, dict(batch)))
+    num_modalities = len(modalities)
+    # Row 0 keeps everything (the clean loss); row 1 + m drops modality m.
+    keeps = jnp.concatenate(
+        [jnp.ones((1, num_modalities)), 1.0 - jnp.eye(num_modalities)], axis=0
+    )  # [M + 1, M]
+
+    def batch_loss(keep):
+        dropped = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
+        return jnp.mean(loss_fn(params, dropped)).astype(jnp.float32)
+
+    losses = jax.lax.map(batch_loss, keeps)  # [M + 1]
+    return jax.lax.stop_gradient(losses[1:] - losses[0])
+
+
+class ControllerState(NamedTuple):
+    """EMA of the per-modality information gain and the number of IG refreshes folded in."""
+
+    gain_ema: jax.Array  # [M] float32
+    count: jax.Array  # [] int32
 
 
 def init_controller(num_modalities: int) -> ControllerState:
-    """Zero gains, zero refreshes."""
-    return ControllerState(jnp.zeros([num_modalities], jnp.float32), jnp.zeros([], jnp.int32))
+    """An empty controller: zero gains (a uniform policy) and no refreshes yet.
+
+    Args:
+        num_modalities: M.
+
+    Returns:
+        ``ControllerState`` with ``gain_ema`` ``[M] float32`` zeros and ``count`` ``[] int32`` 0.
+    """
+    return ControllerState(
+        gain_ema=jnp.zeros((num_modalities,), jnp.float32), count=jnp.zeros([], jnp.int32)
+    )
 
 
-def update_controller(state: ControllerState, ig: jax.typing.ArrayLike, *,
-                      beta: float = 0.9) -> ControllerState:
-    """``G <- beta G + (1 - beta) IG``; the first refresh sets ``G = IG`` (no zero-start bias)."""
+def update_controller(
+    state: ControllerState, ig: jax.typing.ArrayLike, *, beta: float = 0.9
+) -> ControllerState:
+    """Folds a fresh information gain into the EMA.
+
+    ``G <- IG`` on the first refresh (``count == 0``), then ``G <- beta G + (1 - beta) IG``.
+    Starting from the first measurement rather than from zeros removes the EMA's bias towards 0
+    without Adam-style ``1 / (1 - beta^t)`` corrections at read time, so ``gain_ema`` is always the
+    estimate itself.
+
+    Args:
+        state: the current ``ControllerState``.
+        ig: ``[M]`` float, from ``information_gain``.
+        beta: EMA decay in ``[0, 1)``.
+
+    Returns:
+        The new ``ControllerState`` (``count`` incremented).
+
+    Reference: DESIGN.md §3.1.
+    """
     ig = jnp.asarray(ig, jnp.float32)
-    ema = jnp.where(state.count == 0, ig, beta * state.gain_ema + (1.0 - beta) * ig)
-    return ControllerState(ema, state.count + 1)
+    blended = beta * state.gain_ema + (1.0 - beta) * ig
+    gain_ema = jnp.where(state.count == 0, ig, blended)
+    return ControllerState(gain_ema=gain_ema, count=state.count + 1)
 
 
-def target_probabilities(state: ControllerState, *, p_clean: float = 0.2,
-                         tau: float = 1.0) -> jax.Array:
-    """Per-modality probability of being the step's target: ``(1 - p_clean) softmax(G / tau)``."""
-    return (1.0 - p_clean) * jax.nn.softmax(state.gain_ema / tau)
+def target_probabilities(
+    state: ControllerState,
+    *,
+    p_clean: jax.typing.ArrayLike = 0.2,
+    tau: jax.typing.ArrayLike = 1.0,
+) -> jax.Array:
+    """Probability that each modality is the collapse target: ``(1 - p_clean) softmax(G / tau)``.
+
+    The remaining ``p_clean`` is the probability of a clean step (no target).
+
+    Args:
+        state: ``ControllerState`` with ``gain_ema`` ``[M]``.
+        p_clean: scalar in ``[0, 1]``.
+        tau: scalar temperature ``> 0``; small tau goes after the argmax of G.
+
+    Returns:
+        ``[M] float32``, summing to ``1 - p_clean``.
+    """
+    return (1.0 - jnp.asarray(p_clean, jnp.float32)) * jax.nn.softmax(state.gain_ema / tau)
 
 
-def select_target(state: ControllerState, rng: jax.Array, *, p_clean: float = 0.2,
-                  tau: float = 1.0) -> jax.Array:
-    """One-hot ``[M] float32`` target, or all zeros for a clean step (probability p_clean)."""
-    k_clean, k_pick = jax.random.split(rng)
-    pick = jax.random.categorical(k_pick, state.gain_ema / tau)
-    onehot = jax.nn.one_hot(pick, state.gain_ema.shape[0], dtype=jnp.float32)
-    return jnp.where(jax.random.uniform(k_clean) < p_clean, jnp.zeros_like(onehot), onehot)
+def select_target(
+    state: ControllerState,
+    rng: jax.Array,
+    *,
+    p_clean: jax.typing.ArrayLike = 0.2,
+    tau: jax.typing.ArrayLike = 1.0,
+) -> jax.Array:
+    """Samples this step's collapse target as a one-hot vector (all zeros for a clean step).
+
+    With probability ``p_clean`` the step is clean; otherwise ``m* ~ softmax(G / tau)``, so the
+    controller goes after the modality the model currently depends on most.
+
+    Args:
+        state: ``ControllerState`` with ``gain_ema`` ``[M]``.
+        rng: a PRNG key.
+        p_clean: scalar probability of a clean step.
+        tau: scalar softmax temperature ``> 0``.
+
+    Returns:
+        ``[M] float32``: one-hot of the target, or zeros on a clean step.
+
+    Reference: DESIGN.md §3.1.
+    """
+    rng_clean, rng_target = jax.random.split(rng)
+    clean = jax.random.bernoulli(rng_clean, p_clean)
+    target = jax.random.categorical(rng_target, state.gain_ema / tau)
+    onehot = jax.nn.one_hot(target, state.gain_ema.shape[-1], dtype=jnp.float32)
+    return jnp.where(clean, jnp.zeros_like(onehot), onehot)

@@ -77,3 +77,99 @@ def test_small_tau_picks_the_argmax():
     keys = jax.random.split(jax.random.key(1), 200)
     picks = jax.vmap(lambda k: controller.select_target(state, k, p_clean=0.0, tau=1e-4))(keys)
     np.testing.assert_array_equal(np.asarray(picks), np.tile([0.0, 1.0, 0.0], (200, 1)))
+
+
+def _seq_problem(seed=1, n=32, t=5):
+    """`v` is a sequence modality [B, T, D] (mean-pooled); `u` a vector; `w` pure noise."""
+    rng = np.random.default_rng(seed)
+    batch = {
+        "u": jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+        "v": jnp.asarray(rng.normal(size=(n, t, 2)), jnp.float32),
+        "w": jnp.asarray(rng.normal(size=(n, 4)), jnp.float32),
+        "mask": jnp.ones((n, 3), jnp.float32),
+    }
+    params = {"u": jnp.array([0.5, -1.0, 2.0]), "v": jnp.array([1.5, 1.0]), "w": jnp.zeros(4),
+              "bias": jnp.array([0.3, 0.7, 0.0])}  # a presence bias: the model reads the mask
+    batch["label"] = batch["u"] @ params["u"] + batch["v"].mean(1) @ params["v"] + 1.0
+    return params, batch
+
+
+def _seq_loss(params, batch):
+    pred = (batch["u"] @ params["u"] + batch["v"].mean(1) @ params["v"] + batch["w"] @ params["w"]
+            + batch["mask"] @ params["bias"])
+    return jnp.square(pred - batch["label"])  # [B]
+
+
+def test_information_gain_sequence_modality_mask_and_exact_zero():
+    params, batch = _seq_problem()
+    mods = ("u", "v", "w")
+    ig = controller.information_gain(_seq_loss, params, batch, modalities=mods)
+    chex.assert_shape(ig, (3,))
+    chex.assert_type(ig, jnp.float32)
+    # Hand-written leave-one-out in numpy (float64): zero-fill m and zero its mask column.
+    np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    np_params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+    def np_loss(b):
+        pred = (b["u"] @ np_params["u"] + b["v"].mean(1) @ np_params["v"]
+                + b["w"] @ np_params["w"] + b["mask"] @ np_params["bias"])
+        return np.mean((pred - b["label"]) ** 2)
+
+    expected = []
+    for i, m in enumerate(mods):
+        b = dict(np_batch, **{m: np.zeros_like(np_batch[m])})
+        b["mask"] = np_batch["mask"].copy()
+        b["mask"][:, i] = 0.0
+        expected.append(np_loss(b) - np_loss(np_batch))
+    np.testing.assert_allclose(ig, expected, rtol=1e-4, atol=1e-5)
+    assert ig[0] > 0 and ig[1] > 0
+    # `w` has zero weight and zero presence bias: removing it changes nothing, exactly.
+    assert float(ig[2]) == 0.0
+
+
+def test_information_gain_scalar_loss_and_jit():
+    params, batch = _seq_problem(seed=2)
+    mods = ("u", "v", "w")
+    per_example = controller.information_gain(_seq_loss, params, batch, modalities=mods)
+    scalar = controller.information_gain(
+        lambda p, b: jnp.mean(_seq_loss(p, b)), params, batch, modalities=mods
+    )
+    np.testing.assert_allclose(scalar, per_example, rtol=1e-6, atol=1e-6)
+    jitted = jax.jit(lambda p, b: controller.information_gain(_seq_loss, p, b, modalities=mods))
+    np.testing.assert_allclose(jitted(params, batch), per_example, rtol=1e-5, atol=1e-6)
+
+
+def test_update_controller_jit_three_steps_by_hand():
+    igs = np.array([[0.5, -0.2], [1.5, 0.2], [-1.0, 0.6]], np.float32)
+    update = jax.jit(lambda s, ig: controller.update_controller(s, ig, beta=0.9))
+    state = controller.init_controller(2)
+    chex.assert_trees_all_equal(state.gain_ema, jnp.zeros(2, jnp.float32))
+    chex.assert_type(state.count, jnp.int32)
+    for ig in igs:
+        state = update(state, ig)
+    g = igs[0]
+    for ig in igs[1:]:
+        g = 0.9 * g + 0.1 * ig
+    np.testing.assert_allclose(state.gain_ema, g, rtol=1e-6)
+    assert int(state.count) == 3 and state.count.dtype == jnp.int32
+
+
+def test_select_target_extremes_determinism_and_single_trace():
+    state = controller.ControllerState(jnp.array([0.2, -0.5, 0.9, 0.0]), jnp.int32(4))
+    keys = jax.random.split(jax.random.key(3), 500)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def pick_all(p_clean, tau):
+        select = lambda k: controller.select_target(state, k, p_clean=p_clean, tau=tau)
+        return jax.vmap(select)(keys)
+
+    clean = np.asarray(pick_all(1.0, 1.0))
+    np.testing.assert_array_equal(clean, np.zeros((500, 4)))  # p_clean = 1: every step clean
+    never = np.asarray(pick_all(0.0, 1.0))
+    np.testing.assert_array_equal(never.sum(1), np.ones(500))  # p_clean = 0: exactly one target
+    assert set(np.unique(never)) == {0.0, 1.0}
+    np.testing.assert_array_equal(never, np.asarray(pick_all(0.0, 1.0)))  # same keys, same picks
+    # The untargeted probability mass sums to p_clean.
+    probs = controller.target_probabilities(state, p_clean=0.3, tau=2.0)
+    np.testing.assert_allclose(float(jnp.sum(probs)), 0.7, rtol=1e-6)

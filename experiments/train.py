@@ -189,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # 5. Initialise directly into the replicated layout.
     train_state = jax.jit(init_fn, out_shardings=replicated)(rng_init)
-    best_params = train_state["params"]
+    # A copy: train_state is donated to the step, which would delete buffers shared with it.
+    best_params = jax.tree.map(jnp.copy, train_state["params"])
 
     # 6. The update step.
     def train_step(train_state, batch, meta_batch):

@@ -1,0 +1,493 @@
+"""Modality unlearning: forget one modality of a trained model (DESIGN.md §4, second table).
+
+The pure pieces `experiments/unlearn.py` assembles into the six methods. Every loss factory returns
+``loss_fn(params, frozen, batch, rng) -> (loss, measurements)``, where ``frozen`` is the trained
+model's params (a constant of the unlearning run; only CCU reads it).
+
+Vocabulary. ``m`` is the forgotten modality, ``index`` its column in ``batch["mask"]``.
+
+- **Retain batch**: ``x`` with m removed: zero-filled, and flagged absent (mask 0) with probability
+  ``mask_prob`` per sample. ``mask_prob = 1`` is DESIGN.md §2's training intervention (mask 0);
+  the default 0.5 also trains the `zero` protocol (mask left 1), the one retained utility is
+  reported under (DESIGN.md §5).
+- **Forget batch**: ``x`` with only m kept, the others removed the same way.
+- **Forget gate** (:func:`forget_gate`): a model that never sees m. Its encoder input ``x_m`` is
+  zero-filled and m's length set to 1 (a sequence's length is information about ``x_m`` too), so
+  ``z_m`` is the *null embedding* ``E_m(0)``, one row for every sample: what ModalImmune's full
+  collapse (``spectral_collapse`` at strength 1, re-centred on the null anchor) lands on, without
+  an SVD. m is also flagged absent, so the `zero` and `mask` protocols coincide, and m's
+  reconstruction carries no gradient, so ``x_m`` is never a training target either. `retrain` and
+  `modalimmune` deploy the gated model.
+
+Losses (retain terms use the task loss only: the reconstruction term's target includes ``x_m``):
+
+- `finetune`, `modalimmune`, MANU's finetune: ``L = mean_b l(f(x_retain), y)``.
+- `neggrad`: ``L = mean_b l(f(x_retain), y) - w_f mean_b min(l(f(x_forget), y), c)``, where the
+  clamp ``c`` defaults to the loss of the best input-independent predictor (:func:`chance_loss`):
+  past it, ascending only makes the forget predictions confidently wrong, which is information too.
+- `ccu` (2509.23895, our reading; the paper gives no equations):
+  ``L = w_inv L_inv + w_kl L_kl + w_task L_task + w_full L_full + w_sep L_sep`` with
+  ``L_inv`` :func:`inverse_contrastive_loss` on m's embeddings ``z_m`` of the full batch (selective
+  unlearning), ``L_kl = mean_b KL(q_theta(x_retain) || p_frozen(x_retain))`` (cross-modal
+  knowledge retention, MSE for regression; `baselines.prediction_divergence`), ``L_task`` the
+  retain task loss, ``L_full`` the task loss on the full input with ``z_m`` held fixed (no
+  gradient), so the rest of the model learns to live with the forgotten embedding while only
+  ``L_inv`` moves m's encoder (``w_full = 0`` gives CCU's three losses alone; without it the
+  full-input accuracy fell to 0.12 on digits), and ``L_sep`` :func:`separation_loss` between the
+  joint representations of the forget and retain batches (dual-set separation).
+- `manu` (2502.15910): :func:`activation_sums`, :func:`activation_statistics`, :func:`manu_scores`
+  and :func:`prune_rows` score the output neurons of m's encoder layers and zero the top fraction.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from modalimmune_jax import losses
+from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.methods.baselines import prediction_divergence
+from modalimmune_jax.model import ApplyFns, _time_mask
+
+METHODS = ("retrain", "finetune", "neggrad", "ccu", "manu", "modalimmune")
+STATISTICS = ("abs", "var", "rms")
+# MANU's stabilizer in I^forget / (I^retain + eps) (2502.15910).
+MANU_EPS = 1e-5
+
+
+def default_hparams() -> ml_collections.ConfigDict:
+    """The unlearning hyperparameters (``--hparams.*`` flags, or ``unlearn(hparams=...)``)."""
+    hp = ml_collections.ConfigDict()
+    # Unlearning steps (retrain: the trained run's config.num_steps unless --steps is given).
+    hp.steps = 300
+    # 0: the trained run's config.batch_size.
+    hp.batch_size = 0
+    # adamw at a constant rate, after global-norm clipping (0 disables).
+    hp.lr = 1e-3
+    hp.weight_decay = 1e-4
+    hp.grad_clip = 1.0
+    # Probability that a removed modality is also flagged absent (mask 0) in training batches.
+    hp.mask_prob = 0.5
+    hp.log_every = 50
+
+    hp.neggrad = ml_collections.ConfigDict()
+    hp.neggrad.forget_weight = 1.0
+    # Per-example clamp of the ascended forget loss; <= 0 means chance_loss() of the train labels.
+    hp.neggrad.max_forget_loss = 0.0
+
+    hp.ccu = ml_collections.ConfigDict()
+    # Softmax temperature of the cosine similarities.
+    hp.ccu.temperature = 0.5
+    hp.ccu.inverse_weight = 1.0
+    hp.ccu.kl_weight = 1.0
+    hp.ccu.task_weight = 1.0
+    # Task loss on the full input with z_m held fixed (0: CCU's three losses only).
+    hp.ccu.full_weight = 1.0
+    hp.ccu.separation_weight = 1.0
+    # Minimum cosine distance (1 - cos) between a sample's forget and retain representations.
+    hp.ccu.margin = 1.0
+
+    hp.manu = ml_collections.ConfigDict()
+    # Fraction of each layer's output neurons (rows) zeroed in m's encoder.
+    hp.manu.fraction = 0.2
+    # Weights w_f of the statistics in S = sum_f w_f (I_f^forget / (I_f^retain + 1e-5) - 1).
+    hp.manu.w_abs = 1.0 / 3.0
+    hp.manu.w_var = 1.0 / 3.0
+    hp.manu.w_rms = 1.0 / 3.0
+    # Then `steps` of retain finetuning (pruned rows kept at zero); False: prune only.
+    hp.manu.finetune = True
+
+    hp.probe = ml_collections.ConfigDict()
+    # sklearn LogisticRegression's inverse regularization and iteration cap.
+    hp.probe.C = 1.0
+    hp.probe.max_iter = 2000
+    return hp
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def remove(batch: Mapping[str, jax.Array], keep: jax.typing.ArrayLike, key: jax.Array, *,
+           modalities: Sequence[str], mask_prob: float) -> dict[str, jax.Array]:
+    """Zero-fills the modalities with ``keep == 0``; flags each absent w.p. `mask_prob` per sample.
+
+    Args:
+      batch: DESIGN.md §2 batch (``"mask"`` ``[B, M] float32``).
+      keep: ``[M]`` float, 1 keeps the modality.
+      key: PRNG key for the per-sample flags.
+      modalities: the M names, in mask column order.
+      mask_prob: probability that a removed modality's mask entry is set to 0.
+
+    Returns:
+      The batch with the same shapes and dtypes.
+    """
+    keep = jnp.asarray(keep, jnp.float32)
+    out = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
+    flag = jax.random.bernoulli(key, mask_prob, batch["mask"].shape).astype(jnp.float32)
+    out["mask"] = batch["mask"] * (1.0 - flag * (1.0 - keep)[None, :])  # [B, M]
+    return out
+
+
+def forget_gate(apply_fns: ApplyFns, *, index: int, modalities: Sequence[str]) -> ApplyFns:
+    """The model with modality `index` cut off at the input (module docstring, "Forget gate").
+
+    Args:
+      apply_fns: the model's pure functions (`model.make_apply_fns`).
+      index: the forgotten modality's column.
+      modalities: the M names, in mask column order.
+
+    Returns:
+      :class:`ApplyFns` with the same signatures: ``encode`` gives ``z_m = E_m(0)`` for every
+      sample, ``head`` ignores m, ``reconstruct`` stops m's gradient, ``apply`` composes them.
+    """
+    keep = 1.0 - jax.nn.one_hot(index, len(modalities), dtype=jnp.float32)  # [M]
+
+    def gate(batch):
+        out = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
+        if "lengths" in batch:  # a sequence's length is information about x_m too
+            out["lengths"] = batch["lengths"].at[:, index].set(1)
+        return out
+
+    def stop(recon):
+        return tuple(jax.lax.stop_gradient(r) if i == index else r for i, r in enumerate(recon))
+
+    def encode(params, batch):
+        return apply_fns.encode(params, gate(batch))
+
+    def head(params, z, mask):
+        return apply_fns.head(params, z, mask * keep[None, :])
+
+    def reconstruct(params, h):
+        return stop(apply_fns.reconstruct(params, h))
+
+    def apply(params, batch, *, rng=None, interventions=None):
+        out = apply_fns.apply(params, gate(batch), rng=rng, interventions=interventions)
+        return {**out, "recon": stop(out["recon"])}
+
+    return ApplyFns(encode=encode, head=head, reconstruct=reconstruct, apply=apply)
+
+
+def discrete_labels(labels: np.ndarray, *, task: str) -> np.ndarray:
+    """Integer classes for probes and contrastive positives: ``[N]`` int64.
+
+    classification: the label; multilabel ``[N, K]``: the binary code ``sum_k y_k 2^k``;
+    regression: ``y >= 0`` (MMSA's Has0 split of sentiment scores).
+    """
+    y = np.asarray(labels)
+    if task == "classification":
+        return y.reshape(-1).astype(np.int64)
+    if task == "multilabel":
+        return (y.astype(np.int64) << np.arange(y.shape[-1])).sum(axis=-1)
+    if task == "regression":
+        return (y.reshape(-1) >= 0).astype(np.int64)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _discrete_labels_jax(labels, task):
+    if task == "classification":
+        return labels.astype(jnp.int32)
+    if task == "multilabel":
+        return jnp.sum(labels.astype(jnp.int32) << jnp.arange(labels.shape[-1]), axis=-1)
+    return (labels >= 0).astype(jnp.int32)
+
+
+def chance_loss(labels: np.ndarray, *, task: str, num_classes: int,
+                regression_loss: str = "l1") -> float:
+    """Task loss of the best input-independent predictor on `labels` (a train split).
+
+    classification: the prior's entropy ``-sum_c pi_c log pi_c``; multilabel: the mean binary
+    entropy over the K targets; regression: ``mean |y - median y|`` (l1) or ``var y`` (mse).
+    """
+    y = np.asarray(labels)
+    if task == "classification":
+        pi = np.bincount(y.reshape(-1).astype(np.int64), minlength=num_classes) / y.size
+    elif task == "multilabel":
+        p = y.astype(np.float64).mean(axis=0)  # [K]
+        pi = np.stack([p, 1.0 - p], axis=-1)
+    elif task == "regression":
+        y = y.astype(np.float64).reshape(-1)
+        return float(np.mean(np.abs(y - np.median(y))) if regression_loss == "l1" else np.var(y))
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    ent = -np.sum(np.where(pi > 0, pi * np.log(np.where(pi > 0, pi, 1.0)), 0.0), axis=-1)
+    return float(np.mean(ent))
+
+
+# ------------------------------------------------------------------------------------- losses
+
+
+def _task(preds, labels, info, regression_loss):
+    return losses.task_loss(preds, labels, task=info.task, regression_loss=regression_loss)
+
+
+def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
+    """``L = mean_b l(f(x_retain), y)``: `finetune`, `modalimmune` and MANU's finetune."""
+    keep = 1.0 - jax.nn.one_hot(index, len(info.modalities))
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen
+        retain = remove(batch, keep, rng, modalities=info.modalities, mask_prob=hparams.mask_prob)
+        loss = jnp.mean(_task(apply_fns.apply(params, retain)["preds"], batch["label"], info,
+                              regression_loss))
+        return loss, {"retain_loss": loss}
+
+    return loss_fn
+
+
+def make_neggrad_loss(apply_fns, *, info, index, hparams, max_forget_loss, regression_loss="l1"):
+    """``L = L_retain - w_f mean_b min(l(f(x_forget), y), max_forget_loss)`` (module docstring)."""
+    mods = info.modalities
+    only = jax.nn.one_hot(index, len(mods))
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen
+        k_r, k_f = jax.random.split(rng)
+        retain = remove(batch, 1.0 - only, k_r, modalities=mods, mask_prob=hparams.mask_prob)
+        forget = remove(batch, only, k_f, modalities=mods, mask_prob=hparams.mask_prob)
+        l_r = jnp.mean(_task(apply_fns.apply(params, retain)["preds"], batch["label"], info,
+                             regression_loss))
+        l_f = _task(apply_fns.apply(params, forget)["preds"], batch["label"], info,
+                    regression_loss)  # [B]
+        # Per example: a forget sample stops pushing once it reaches the chance-level loss.
+        ascended = jnp.mean(jnp.minimum(l_f, max_forget_loss))
+        loss = l_r - hparams.neggrad.forget_weight * ascended
+        return loss, {"retain_loss": l_r, "forget_loss": jnp.mean(l_f),
+                      "clamped_fraction": jnp.mean((l_f >= max_forget_loss).astype(jnp.float32))}
+
+    return loss_fn
+
+
+def _normalize(x, eps=1e-12):
+    # x / ||x||, with a finite gradient at x = 0 (a collapsed row).
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
+
+
+def inverse_contrastive_loss(z: jax.typing.ArrayLike, classes: jax.typing.ArrayLike, *,
+                             temperature: float) -> jax.Array:
+    """CCU's selective unlearning: no sample may find its class-mates more similar than chance.
+
+    With ``u_i = normalize(z_i - mean_b z)``, ``p_ij = softmax_{j != i}(u_i . u_j / tau)``, the
+    positives ``P(i) = {j != i : c_j = c_i}`` and the anchors ``A = {i : |P(i)| > 0}``::
+
+        L_inv = 1/|A| sum_{i in A} max(0, log( (B - 1)/|P(i)| * sum_{j in P(i)} p_ij )).
+
+    Supervised contrastive learning turned around and stopped at chance: each anchor's positive
+    softmax mass is pushed down to its share under a uniform ``p_i``, ``|P(i)|/(B - 1)``, and no
+    further (beyond it, anti-similarity would separate the classes again). It removes class
+    structure only part of the way: on digits (forgetting `left`, 300 steps) a linear probe on
+    ``z_m`` went from 0.82 to 0.73 accuracy (chance 0.10); squared-Euclidean similarities, a
+    batch-level clamp, no clamp, or 10x the weight did no better (0.78-0.82).
+
+    Args:
+      z: ``[B, d]`` float embeddings of the forgotten modality.
+      classes: ``[B]`` int classes (:func:`discrete_labels`).
+      temperature: softmax temperature ``tau > 0``.
+
+    Returns:
+      Scalar float32 ``>= 0``.
+
+    Reference: 2509.23895 (CCU), "selective visual unlearning"; Khosla et al., SupCon (2020).
+    """
+    z = jnp.asarray(z, jnp.float32)
+    classes = jnp.asarray(classes)
+    b = z.shape[0]
+    u = _normalize(z - jnp.mean(z, axis=0, keepdims=True))
+    eye = jnp.eye(b, dtype=bool)
+    # A finite large negative, not -inf: the excluded entries must not put NaN in the gradient.
+    logits = jnp.where(eye, -1e9, u @ u.T / temperature)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, B]
+    pos = (classes[:, None] == classes[None, :]) & ~eye
+    n_pos = jnp.sum(pos, axis=-1)
+    log_mass = jax.nn.logsumexp(jnp.where(pos, logp, -1e9), axis=-1)
+    excess = log_mass + jnp.log(b - 1.0) - jnp.log(jnp.maximum(n_pos, 1).astype(jnp.float32))
+    anchor = n_pos > 0
+    per = jnp.where(anchor, jax.nn.relu(excess), 0.0)
+    return jnp.sum(per) / jnp.maximum(jnp.sum(anchor), 1)
+
+
+def separation_loss(h_forget: jax.typing.ArrayLike, h_retain: jax.typing.ArrayLike, *,
+                    margin: float) -> jax.Array:
+    """CCU's dual-set separation: a sample's forget and retain representations stay apart.
+
+    With ``c = mean_b h_retain`` and ``cos_i = cos(h_forget_i - c, h_retain_i - c)`` (the retain
+    side without gradient)::
+
+        L_sep = mean_b max(0, margin - (1 - cos_i)),
+
+    a hinge on the cosine distance: the joint representation that m alone produces for a sample
+    must not point where the other modalities put it (what m alone would need to reproduce the
+    sample's semantics), while the retain representations stay put.
+
+    Args:
+      h_forget: ``[B, d_h]`` joint representation of the forget batch (only m present).
+      h_retain: ``[B, d_h]`` joint representation of the retain batch (m removed), same samples.
+      margin: required cosine distance in ``[0, 2]``.
+
+    Returns:
+      Scalar float32 ``>= 0``.
+    """
+    h_retain = jax.lax.stop_gradient(jnp.asarray(h_retain, jnp.float32))
+    c = jnp.mean(h_retain, axis=0, keepdims=True)
+    cos = jnp.sum(_normalize(jnp.asarray(h_forget, jnp.float32) - c) * _normalize(h_retain - c),
+                  axis=-1)
+    return jnp.mean(jax.nn.relu(margin - (1.0 - cos)))
+
+
+def make_ccu_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
+    """CCU: ``w_inv L_inv + w_kl L_kl + w_task L_task + w_sep L_sep`` (module docstring)."""
+    mods = info.modalities
+    only = jax.nn.one_hot(index, len(mods))
+    cc = hparams.ccu
+
+    def loss_fn(params, frozen, batch, rng):
+        k_r, k_f = jax.random.split(rng)
+        retain = remove(batch, 1.0 - only, k_r, modalities=mods, mask_prob=hparams.mask_prob)
+        forget = remove(batch, only, k_f, modalities=mods, mask_prob=hparams.mask_prob)
+        z = apply_fns.encode(params, batch)  # [B, M, d]
+        l_inv = inverse_contrastive_loss(z[:, index],
+                                         _discrete_labels_jax(batch["label"], info.task),
+                                         temperature=cc.temperature)
+        out_r = apply_fns.apply(params, retain)
+        ref = apply_fns.apply(jax.lax.stop_gradient(frozen), retain)["preds"]
+        l_kl = jnp.mean(prediction_divergence(out_r["preds"], ref, task=info.task))
+        l_task = jnp.mean(_task(out_r["preds"], batch["label"], info, regression_loss))
+        # The full input with z_m taken as it is (no gradient): the rest of the model learns to
+        # live with the forgotten embedding, while only L_inv moves m's encoder.
+        z_fixed = z.at[:, index].set(jax.lax.stop_gradient(z[:, index]))
+        _, preds_full = apply_fns.head(params, z_fixed, batch["mask"])
+        l_full = jnp.mean(_task(preds_full, batch["label"], info, regression_loss))
+        h_f, _ = apply_fns.head(params, apply_fns.encode(params, forget), forget["mask"])
+        l_sep = separation_loss(h_f, out_r["h"], margin=cc.margin)
+        loss = (cc.inverse_weight * l_inv + cc.kl_weight * l_kl + cc.task_weight * l_task
+                + cc.full_weight * l_full + cc.separation_weight * l_sep)
+        return loss, {"inverse_contrastive": l_inv, "kl_retention": l_kl, "retain_loss": l_task,
+                      "full_task_loss": l_full, "separation": l_sep}
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------- MANU
+
+
+def _names(path) -> tuple:
+    # (DictKey('encoders'), DictKey(0), ..., GetAttrKey('value')) -> ('encoders', 0, ...)
+    return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def encoder_layer_activations(
+    graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], *, index: int, modality: str
+) -> dict[tuple, tuple[jax.Array, jax.Array]]:
+    """Outputs of every Linear/Conv layer of encoder `index`, with their validity weights.
+
+    Args:
+      graphdef: the FusionModel's graphdef (``nnx.split(model, nnx.Param)``).
+      params: its params pytree.
+      batch: DESIGN.md §2 batch.
+      index: the encoder's modality column; `modality` its name.
+
+    Returns:
+      ``{layer path inside the encoder: (acts, weights)}`` with acts ``[B, T, n]`` or ``[B, n]``
+      float32 and weights ``[B, T]`` or ``[B]``: 1 on valid timesteps (padding is not an
+      activation).
+    """
+    enc = nnx.merge(graphdef, params).encoders[index]
+    lengths = batch["lengths"][:, index]
+    _, inter = nnx.capture(enc, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        batch[modality], lengths)
+    out = {}
+    for path, mod in nnx.iter_modules(enc):
+        if path and isinstance(mod, (nnx.Linear, nnx.Conv)):
+            node = inter
+            for p in path:
+                node = node[p]
+            acts = node["__call__"].get_value()[0]
+            weights = (_time_mask(lengths, acts.shape[1]) if acts.ndim == 3
+                       else jnp.ones(acts.shape[:1], jnp.float32))
+            out[tuple(path)] = (acts.astype(jnp.float32), weights)
+    return out
+
+
+def activation_sums(acts: jax.typing.ArrayLike, weights: jax.typing.ArrayLike) -> dict:
+    """Weighted sums per output neuron, to accumulate over batches.
+
+    Args:
+      acts: ``[..., n]`` float activations; weights: ``acts.shape[:-1]`` float (0 = ignore).
+
+    Returns:
+      ``{"count": [] , "sum": [n], "sum_sq": [n], "sum_abs": [n]}`` float32.
+    """
+    acts = jnp.asarray(acts, jnp.float32)
+    w = jnp.asarray(weights, jnp.float32)[..., None]
+    axes = tuple(range(acts.ndim - 1))
+    return {"count": jnp.sum(w), "sum": jnp.sum(w * acts, axis=axes),
+            "sum_sq": jnp.sum(w * acts * acts, axis=axes),
+            "sum_abs": jnp.sum(w * jnp.abs(acts), axis=axes)}
+
+
+def activation_statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """MANU's per-neuron statistics from :func:`activation_sums` (accumulated), in float64.
+
+    ``abs = mean |a|``, ``var = mean a^2 - (mean a)^2`` (population variance),
+    ``rms = sqrt(mean a^2)``, each ``[n]``.
+    """
+    n = np.float64(sums["count"])
+    mean = np.asarray(sums["sum"], np.float64) / n
+    mean_sq = np.asarray(sums["sum_sq"], np.float64) / n
+    return {"abs": np.asarray(sums["sum_abs"], np.float64) / n,
+            "var": np.maximum(mean_sq - mean * mean, 0.0), "rms": np.sqrt(mean_sq)}
+
+
+def manu_scores(forget: Mapping[str, np.ndarray], retain: Mapping[str, np.ndarray],
+                weights: Mapping[str, float]) -> np.ndarray:
+    """``S = sum_f w_f (I_f^forget / (I_f^retain + 1e-5) - 1)`` per neuron, ``f`` in abs/var/rms.
+
+    Args:
+      forget, retain: :func:`activation_statistics` of one layer on forget and retain inputs.
+      weights: ``{"abs": w, "var": w, "rms": w}``.
+
+    Returns:
+      ``[n]`` float64; a high score marks a neuron that fires for the forget data only.
+
+    Reference: 2502.15910 (MANU), DESIGN.md §4.
+    """
+    return sum(weights[f] * (np.asarray(forget[f]) / (np.asarray(retain[f]) + MANU_EPS) - 1.0)
+               for f in STATISTICS)
+
+
+def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean ``[n]``: the ``round(fraction * n)`` highest scores (ties broken by lower index)."""
+    scores = np.asarray(scores)
+    k = int(round(fraction * scores.size))
+    order = np.argsort(-scores, kind="stable")
+    pruned = np.zeros(scores.size, bool)
+    pruned[order[:k]] = True
+    return pruned
+
+
+def prune_rows(params, masks: Mapping[tuple, np.ndarray], *, index: int):
+    """Zeroes the output neurons ``masks[layer] == True`` of encoder `index`'s layers.
+
+    An output neuron (a "row" of the layer's output) is a column of the kernel, whose last axis is
+    the output, and an entry of the bias. Pure and jit-able, so the finetune step can re-apply it.
+
+    Args:
+      params: the model's params pytree.
+      masks: ``{layer path inside the encoder: [n] bool}`` (True = pruned).
+      index: the encoder.
+
+    Returns:
+      The params pytree with those columns and biases set to 0.
+    """
+    keep = {path: jnp.asarray(~np.asarray(m), jnp.float32) for path, m in masks.items()}
+
+    def one(path, x):
+        names = _names(path)
+        if names[:2] == ("encoders", index) and names[2:-1] in keep:
+            return x * keep[names[2:-1]].astype(x.dtype)  # broadcasts over the last (output) axis
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, params)

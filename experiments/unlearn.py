@@ -256,7 +256,7 @@ def _run_retrain(run: _Run, original):
                if "elapsed_s" in r]
     details = {"retrain_workdir": retrain_dir,
                "train_loop_s": records[-1]["elapsed_s"] if records else None}
-    return params, _gated(run), details
+    return params, True, details
 
 
 def _gated(run):
@@ -264,12 +264,11 @@ def _gated(run):
 
 
 def _run_finetune(run, original):
-    return _fit(run, original, _retain_loss(run, run.apply_fns), frozen=original), run.apply_fns, {}
+    return _fit(run, original, _retain_loss(run, run.apply_fns), frozen=original), False, {}
 
 
 def _run_modalimmune(run, original):
-    fns = _gated(run)
-    return _fit(run, original, _retain_loss(run, fns), frozen=original), fns, {}
+    return _fit(run, original, _retain_loss(run, _gated(run)), frozen=original), True, {}
 
 
 def _run_neggrad(run, original):
@@ -281,13 +280,13 @@ def _run_neggrad(run, original):
     loss_fn = unlearning.make_neggrad_loss(
         run.apply_fns, info=run.info, index=run.index, hparams=run.hp, max_forget_loss=clamp,
         regression_loss=run.config.loss.regression)
-    return _fit(run, original, loss_fn, frozen=original), run.apply_fns, {"max_forget_loss": clamp}
+    return _fit(run, original, loss_fn, frozen=original), False, {"max_forget_loss": clamp}
 
 
 def _run_ccu(run, original):
     loss_fn = unlearning.make_ccu_loss(run.apply_fns, info=run.info, index=run.index,
                                        hparams=run.hp, regression_loss=run.config.loss.regression)
-    return _fit(run, original, loss_fn, frozen=original), run.apply_fns, {}
+    return _fit(run, original, loss_fn, frozen=original), False, {}
 
 
 def _run_manu(run, original):
@@ -329,9 +328,10 @@ def _run_manu(run, original):
     if run.hp.manu.finetune and run.steps > 0:
         params = _fit(run, params, _retain_loss(run, run.apply_fns), frozen=original,
                       project_fn=lambda p: unlearning.prune_rows(p, masks, index=index))
-    return params, run.apply_fns, details
+    return params, False, details
 
 
+# runner(run, original params) -> (params, gated: deploy the forget-gated model?, details dict).
 RUNNERS = {"retrain": _run_retrain, "finetune": _run_finetune, "neggrad": _run_neggrad,
            "ccu": _run_ccu, "manu": _run_manu, "modalimmune": _run_modalimmune}
 
@@ -367,10 +367,14 @@ def linear_probe(train_x, train_y, test_x, test_y, *, c=1.0, max_iter=2000) -> t
 
 
 class _Measure:
-    """The compiled evaluation functions for one set of apply functions."""
+    """The compiled evaluation functions for one model (the trained one, or its gated version).
+
+    Built once per process for each (workdir, forgotten modality, gated) and reused, so a
+    comparison of several methods compiles its evaluation once.
+    """
 
     def __init__(self, run: _Run, fns):
-        self.run, info = run, run.info
+        info, index, regression = run.info, run.index, run.config.loss.regression
         self.evaluator = eval_lib.Evaluator(fns, info, batch_size=run.config.eval.batch_size,
                                             put_fn=run.put, seed=run.config.seed)
 
@@ -379,19 +383,19 @@ class _Measure:
             told = drop_modalities(batch, keep, modalities=info.modalities, set_mask=True)
             b = {**zero, "mask": jnp.where(set_mask > 0, told["mask"], zero["mask"])}
             return losses.task_loss(fns.apply(params, b)["preds"], batch["label"], task=info.task,
-                                    regression_loss=run.config.loss.regression)
+                                    regression_loss=regression)
 
         self.loss_fn = jax.jit(per_example_loss)
-        self.embed_fn = jax.jit(lambda params, batch: fns.encode(params, batch)[:, run.index])
+        self.embed_fn = jax.jit(lambda params, batch: fns.encode(params, batch)[:, index])
 
-    def _mean_loss(self, params, keep, set_mask) -> float:
-        per = predict_split(self.loss_fn, params, self.run.test_arrays,
-                            batch_size=self.run.config.eval.batch_size, put_fn=self.run.put,
+    def _mean_loss(self, run, params, keep, set_mask) -> float:
+        per = predict_split(self.loss_fn, params, run.test_arrays,
+                            batch_size=run.config.eval.batch_size, put_fn=run.put,
                             args=(jnp.asarray(keep, jnp.float32), jnp.float32(set_mask)))
         return float(np.mean(per))
 
-    def __call__(self, params) -> dict:
-        run, ev = self.run, self.evaluator
+    def __call__(self, run: _Run, params) -> dict:
+        ev = self.evaluator
         metric = eval_lib.CURVE_METRIC[run.info.metric_family]
         num_m = len(run.info.modalities)
         only = np.eye(num_m, dtype=np.float32)[run.index]
@@ -409,19 +413,28 @@ class _Measure:
             embed["train"], unlearning.discrete_labels(run.train_arrays["label"], task=task),
             embed["test"], unlearning.discrete_labels(test["label"], task=task),
             c=run.hp.probe.C, max_iter=run.hp.probe.max_iter)
-        full_loss = self._mean_loss(params, np.ones(num_m), 0.0)
+        full_loss = self._mean_loss(run, params, np.ones(num_m), 0.0)
         forget_quality = {
             "probe_acc": probe_acc, "chance": chance,
             "alone_acc": alone[metric], "alone_acc_mask": alone_mask[metric],
-            "ig": self._mean_loss(params, 1.0 - only, 1.0) - full_loss,
-            "forget_loss": self._mean_loss(params, only, 0.0)}
+            "ig": self._mean_loss(run, params, 1.0 - only, 1.0) - full_loss,
+            "forget_loss": self._mean_loss(run, params, only, 0.0)}
         return {"forget_quality": forget_quality, "retained": retained,
                 "alone": {"zero": alone, "mask": alone_mask}}
 
 
-# ------------------------------------------------------------------------------------ main
+_MEASURES: dict[tuple, _Measure] = {}
+_ORIGINAL: dict[tuple, dict] = {}
 
-_ORIGINAL_CACHE: dict[tuple, dict] = {}
+
+def _measure(run: _Run, params, *, gated: bool) -> dict:
+    key = (os.path.abspath(run.workdir), run.index, gated)
+    if key not in _MEASURES:
+        _MEASURES[key] = _Measure(run, _gated(run) if gated else run.apply_fns)
+    return _MEASURES[key](run, params)
+
+
+# ------------------------------------------------------------------------------------ main
 
 
 
@@ -471,21 +484,20 @@ def unlearn(workdir: str, forget: str, method: str, out: str, *, steps: int | No
                                          replicated)
 
     t0 = time.time()
-    params, fns, details = RUNNERS[method](run, original)
+    params, gated, details = RUNNERS[method](run, original)
     params = jax.block_until_ready(params)
     wall_time = time.time() - t0
 
-    measure = _Measure(run, apply_fns)
-    after = measure(params) if fns is apply_fns else _Measure(run, fns)(params)
+    after = _measure(run, params, gated=gated)
     # Every method of a comparison starts from the same checkpoint: measure it once per process.
     key = (os.path.abspath(workdir), step, forget, hp.probe.C, hp.probe.max_iter)
-    if key not in _ORIGINAL_CACHE:
-        _ORIGINAL_CACHE[key] = measure(original)
+    if key not in _ORIGINAL:
+        _ORIGINAL[key] = _measure(run, original, gated=False)
     result = {
         "method": method, "forget": forget, "steps": steps, "workdir": os.path.abspath(workdir),
         "metric": eval_lib.CURVE_METRIC[info.metric_family], "wall_time_s": wall_time,
         "hparams": hp.to_dict(), "details": details, **after,
-        "original": _ORIGINAL_CACHE[key]}
+        "original": _ORIGINAL[key]}
     if jax.process_index() == 0:
         io_lib.atomic_write_json(os.path.join(out, "unlearn.json"), result)
     return result

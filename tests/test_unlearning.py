@@ -1,0 +1,294 @@
+"""Modality unlearning: the pure pieces by hand, then every method end to end on tiny digits."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import train, unlearn
+from experiments.configs import default
+from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.methods import unlearning
+from modalimmune_jax.model import FusionModel, make_apply_fns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODS = ("a", "b")
+
+
+def _tiny_model():
+    model = FusionModel(modalities=MODS, feature_shapes={"a": (3, 2), "b": (4,)},
+                        task="classification", num_classes=3, d=4, d_h=6, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, make_apply_fns(graphdef)
+
+
+def _tiny_batch(key=0, n=5):
+    ka, kb = jax.random.split(jax.random.key(key))
+    return {"a": jax.random.normal(ka, (n, 3, 2)), "b": jax.random.normal(kb, (n, 4)),
+            "lengths": jnp.tile(jnp.array([[3, 1]], jnp.int32), (n, 1)),
+            "mask": jnp.ones((n, 2)), "label": jnp.arange(n) % 3}
+
+
+# ------------------------------------------------------------------------------------- MANU
+
+
+def test_manu_scores_by_hand():
+    # Two neurons; the 5th row has weight 0 (padding) and must not count.
+    forget = np.array([[1.0, 0.0], [3.0, 0.0], [-1.0, 2.0], [1.0, 2.0], [100.0, 100.0]])
+    retain = np.array([[1.0, -1.0], [1.0, 1.0], [1.0, -1.0], [1.0, 1.0], [100.0, 100.0]])
+    w = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    sf = unlearning.activation_statistics(jax.device_get(unlearning.activation_sums(forget, w)))
+    sr = unlearning.activation_statistics(jax.device_get(unlearning.activation_sums(retain, w)))
+    # Neuron 0, forget [1, 3, -1, 1]: mean|a| = 6/4, mean = 1, mean a^2 = 12/4 -> var 2, rms √3.
+    # Neuron 1, forget [0, 0, 2, 2]: mean|a| = 1, mean = 1, mean a^2 = 2 -> var 1, rms √2.
+    np.testing.assert_allclose(sf["abs"], [1.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(sf["var"], [2.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(sf["rms"], [math.sqrt(3), math.sqrt(2)], rtol=1e-6)
+    # Retain: neuron 0 constant 1 (abs 1, var 0, rms 1); neuron 1 = ±1 (abs 1, var 1, rms 1).
+    np.testing.assert_allclose(sr["abs"], [1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(sr["var"], [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(sr["rms"], [1.0, 1.0], rtol=1e-6)
+    weights = {"abs": 0.5, "var": 0.25, "rms": 0.25}
+    scores = unlearning.manu_scores(sf, sr, weights)
+    e = 1e-5
+    s0 = 0.5 * (1.5 / (1 + e) - 1) + 0.25 * (2.0 / e - 1) + 0.25 * (math.sqrt(3) / (1 + e) - 1)
+    s1 = (0.5 * (1.0 / (1 + e) - 1) + 0.25 * (1.0 / (1 + e) - 1)
+          + 0.25 * (math.sqrt(2) / (1 + e) - 1))
+    np.testing.assert_allclose(scores, [s0, s1], rtol=1e-5)
+    assert s0 == pytest.approx(50000.1830, abs=1e-3)  # 0.2499925 + 49999.75 + 0.1830, by hand
+    np.testing.assert_array_equal(unlearning.top_fraction(scores, 0.5), [True, False])
+    np.testing.assert_array_equal(unlearning.top_fraction([3.0, 1.0, 3.0, 2.0], 0.5),
+                                  [True, False, True, False])
+
+
+def test_encoder_activations_and_pruning_match_the_layers():
+    graphdef, params, _ = _tiny_model()
+    batch = _tiny_batch()
+    # jit: eagerly, every small op compiles on its own (slow on a busy CPU).
+    acts = jax.jit(lambda p, b: unlearning.encoder_layer_activations(graphdef, p, b, index=0,
+                                                                     modality="a"))(params, batch)
+    assert set(acts) == {("proj",), ("out",)}
+    p = params["encoders"][0]
+    proj = batch["a"] @ p["proj"]["kernel"][...] + p["proj"]["bias"][...]  # [B, T, d]
+    np.testing.assert_allclose(acts[("proj",)][0], proj, rtol=1e-5, atol=1e-6)
+    hidden = jax.nn.gelu(proj + p["pos"][...][None]).mean(axis=1)  # learned positions, T = 3
+    out = hidden @ p["out"]["kernel"][...] + p["out"]["bias"][...]
+    np.testing.assert_allclose(acts[("out",)][0], out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(acts[("proj",)][1], np.ones((5, 3)))
+
+    mask = np.array([False, True, False, True])
+    pruned = jax.jit(lambda p: unlearning.prune_rows(p, {("out",): mask}, index=0))(params)
+    k = np.asarray(pruned["encoders"][0]["out"]["kernel"][...])
+    np.testing.assert_array_equal(k[:, mask], 0.0)
+    np.testing.assert_array_equal(k[:, ~mask], np.asarray(p["out"]["kernel"][...])[:, ~mask])
+    np.testing.assert_array_equal(np.asarray(pruned["encoders"][0]["out"]["bias"][...])[mask], 0)
+    # Other encoders and layers untouched.
+    np.testing.assert_array_equal(pruned["encoders"][1]["out"]["kernel"][...],
+                                  params["encoders"][1]["out"]["kernel"][...])
+    np.testing.assert_array_equal(pruned["encoders"][0]["proj"]["kernel"][...],
+                                  p["proj"]["kernel"][...])
+
+
+# -------------------------------------------------------------------------------------- CCU
+
+
+def _softmax_rows_without_self(s):
+    out = np.zeros_like(s)
+    for i in range(len(s)):
+        others = [j for j in range(len(s)) if j != i]
+        e = np.exp(s[i, others] - s[i, others].max())
+        out[i, others] = e / e.sum()
+    return out
+
+
+def test_inverse_contrastive_loss_matches_a_loop():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 3))
+    classes = np.array([0, 0, 1, 1, 1, 2])  # class 2 has no positive: not an anchor
+    tau = 0.7
+    u = z - z.mean(axis=0)
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    p = _softmax_rows_without_self(u @ u.T / tau)
+    terms = []
+    for i in range(6):
+        pos = [j for j in range(6) if j != i and classes[j] == classes[i]]
+        if pos:
+            terms.append(max(0.0, math.log(p[i, pos].sum() * 5 / len(pos))))
+    expected = sum(terms) / len(terms)
+    assert expected > 0
+    loss_fn = jax.jit(jax.value_and_grad(
+        lambda x: unlearning.inverse_contrastive_loss(x, classes, temperature=tau)))
+    np.testing.assert_allclose(loss_fn(jnp.asarray(z, jnp.float32))[0], expected, rtol=1e-5)
+    # A collapsed embedding is at chance for every anchor: zero loss, finite gradient.
+    value, g = loss_fn(jnp.ones((6, 3)))
+    assert float(value) == 0.0 and np.all(np.isfinite(g))
+
+
+def test_separation_loss_matches_a_loop():
+    rng = np.random.default_rng(1)
+    hf, hr = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+    c = hr.mean(axis=0)
+    expected = np.mean([max(0.0, 0.8 - (1 - np.dot(a - c, b - c) / np.linalg.norm(a - c)
+                                        / np.linalg.norm(b - c))) for a, b in zip(hf, hr)])
+    np.testing.assert_allclose(unlearning.separation_loss(hf, hr, margin=0.8), expected,
+                               rtol=1e-5)
+    # Gradient reaches only the forget side.
+    g = jax.grad(lambda r: unlearning.separation_loss(hf, r, margin=0.8))(jnp.asarray(hr))
+    np.testing.assert_array_equal(g, 0.0)
+
+
+# ----------------------------------------------------------------------- batches and the gate
+
+
+def test_remove_zero_fills_and_flags_with_the_given_probability():
+    batch = _tiny_batch()
+    keep = jnp.array([0.0, 1.0])
+    for prob, mask_a in ((0.0, 1.0), (1.0, 0.0)):
+        out = unlearning.remove(batch, keep, jax.random.key(0), modalities=MODS, mask_prob=prob)
+        np.testing.assert_array_equal(out["a"], 0.0)
+        np.testing.assert_array_equal(out["b"], batch["b"])
+        np.testing.assert_array_equal(out["mask"][:, 0], mask_a)
+        np.testing.assert_array_equal(out["mask"][:, 1], 1.0)
+
+
+def test_forget_gate_cuts_the_modality_off():
+    _, params, fns = _tiny_model()
+    gated = unlearning.forget_gate(fns, index=0, modalities=MODS)
+    batch, other = _tiny_batch(0), _tiny_batch(1)
+    z = jax.jit(gated.encode)(params, batch)
+    zero = drop_modalities(batch, jnp.array([0.0, 1.0]), modalities=MODS, set_mask=False)
+    encode = jax.jit(fns.encode)
+    null = encode(params, {**zero, "lengths": zero["lengths"].at[:, 0].set(1)})
+    # z_m is the null embedding of a length-1 input, the same for every sample; the other
+    # modality is untouched.
+    np.testing.assert_array_equal(z[:, 0], null[:, 0])
+    np.testing.assert_array_equal(z[:, 0], jnp.broadcast_to(z[0, 0], z[:, 0].shape))
+    np.testing.assert_array_equal(z[:, 1], encode(params, batch)[:, 1])
+    # Predictions ignore x_m and its mask entry: both protocols and any x_m give the same output.
+    swapped = {**batch, "a": other["a"], "mask": batch["mask"].at[:, 0].set(0.0)}
+    predict = jax.jit(lambda p, b: gated.apply(p, b)["preds"])
+    np.testing.assert_array_equal(predict(params, batch), predict(params, swapped))
+    # x_m is not a training target either: its reconstruction carries no gradient.
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(gated.apply(p, batch)["recon"][0])))(params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_chance_loss_by_hand():
+    assert unlearning.chance_loss(np.array([0, 0, 1, 1]), task="classification",
+                                  num_classes=3) == pytest.approx(math.log(2))
+    # median 2.5 -> mean |y - 2.5| = (1.5 + 0.5 + 0.5 + 7.5) / 4
+    assert unlearning.chance_loss(np.array([1.0, 2.0, 3.0, 10.0]), task="regression",
+                                  num_classes=1) == pytest.approx(2.5)
+    assert unlearning.chance_loss(np.array([[1, 0], [1, 1]]), task="multilabel",
+                                  num_classes=2) == pytest.approx(math.log(2) / 2)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    config = default.get_config("digits,tiny")
+    with config.unlocked():
+        config.num_steps = 60
+        config.eval_every = 60
+        config.checkpoint_every = 60
+    workdir = str(tmp_path_factory.mktemp("unl") / "erm")
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _check_body(result, method, steps):
+    assert result["method"] == method and result["forget"] == "left"
+    assert result["steps"] == steps and result["metric"] == "acc"
+    assert isinstance(result["wall_time_s"], float) and result["wall_time_s"] > 0
+    for body in (result, result["original"]):
+        fq = body["forget_quality"]
+        assert set(fq) == {"probe_acc", "chance", "alone_acc", "alone_acc_mask", "ig",
+                           "forget_loss"}
+        assert all(isinstance(v, float) and np.isfinite(v) for v in fq.values())
+        assert 0.0 <= fq["probe_acc"] <= 1.0 and 0.0 < fq["chance"] < 1.0
+        assert set(body["retained"]) == {"full", "without", "without_mask"}
+        for block in (*body["retained"].values(), *body["alone"].values()):
+            assert set(block) == {"acc", "f1_weighted", "f1_macro"}
+    # digits' train split: class 3 is the majority (128 of 1257); the test split has 27 of 270.
+    assert result["forget_quality"]["chance"] == pytest.approx(27 / 270)
+
+
+STEPS = 4
+
+
+@pytest.mark.parametrize("method", ["finetune", "ccu", "manu"])
+def test_method_writes_unlearn_json(trained, tmp_path, method):
+    out = str(tmp_path / method)
+    result = unlearn.unlearn(trained, "left", method, out, steps=STEPS)
+    with open(os.path.join(out, "unlearn.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    _check_body(result, method, STEPS)
+    if method == "manu":
+        layers = result["details"]["layers"]
+        # tiny: d = 16 neurons per layer, 20% -> round(3.2) = 3 zeroed in each of proj and out.
+        assert {k: v["pruned"] for k, v in layers.items()} == {"proj": 3, "out": 3}
+
+
+def test_neggrad_raises_the_forget_loss(trained, tmp_path):
+    result = unlearn.unlearn(trained, "left", "neggrad", str(tmp_path / "ng"), steps=STEPS,
+                             hparams={"lr": 1e-2, "neggrad": {"forget_weight": 5.0}})
+    _check_body(result, "neggrad", STEPS)
+    assert (result["forget_quality"]["forget_loss"]
+            > result["original"]["forget_quality"]["forget_loss"])
+    assert result["details"]["max_forget_loss"] == pytest.approx(
+        -sum(c / 1257 * math.log(c / 1257) for c in (124, 127, 124, 128, 127, 127, 127, 125,
+                                                      122, 126)))
+
+
+@pytest.mark.parametrize("method", ["modalimmune", "retrain"])
+def test_gated_methods_leave_nothing_to_probe(trained, tmp_path, method):
+    out = str(tmp_path / method)
+    result = unlearn.unlearn(trained, "left", method, out, steps=STEPS)
+    _check_body(result, method, STEPS)
+    fq = result["forget_quality"]
+    # z_m is one constant row for every sample: the probe can only predict the majority class.
+    assert fq["probe_acc"] == fq["chance"]
+    # Removing m changes nothing, under either protocol.
+    assert fq["ig"] == 0.0
+    assert result["retained"]["without"] == result["retained"]["without_mask"]
+    assert result["retained"]["without"] == result["retained"]["full"]
+    if method == "retrain":
+        assert os.path.exists(os.path.join(out, "retrain_run", "eval.json"))
+
+
+def test_cli_rejects_an_unknown_modality(trained, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.unlearn", f"--workdir={trained}", "--forget=nose",
+         "--method=ccu", f"--out={tmp_path / 'x'}", "--hparams.ccu.margin=0.5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--forget='nose'" in last and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ slow
+
+
+@pytest.mark.slow
+def test_modalimmune_and_ccu_forget_and_keep_retrain_utility(tmp_path):
+    """Full digits: probe near chance; utility without m within 2 points of retraining."""
+    config = default.get_config("digits")
+    workdir = str(tmp_path / "erm")
+    train.train_and_evaluate(config, workdir)
+    results = {m: unlearn.unlearn(workdir, "left", m, str(tmp_path / m))
+               for m in ("retrain", "modalimmune", "ccu")}
+    gold = results["retrain"]["retained"]["without"]["acc"]
+    for m in ("modalimmune", "ccu"):
+        fq = results[m]["forget_quality"]
+        assert fq["probe_acc"] <= fq["chance"] + 0.05, (m, fq)
+        assert results[m]["retained"]["without"]["acc"] >= gold - 0.02, (m, gold, results[m])

@@ -14,7 +14,8 @@ Methods (DESIGN.md §4; the losses are in `modalimmune_jax/methods/unlearning.py
   target: the model never sees m. `--steps` defaults to the trained run's ``num_steps``.
 - `finetune`: `steps` of the retain loss from the trained params.
 - `neggrad`: retain descent plus clamped ascent on the forget batch (only m present).
-- `ccu`: inverse contrastive on ``z_m`` + KL retention + retain task loss + separation margin.
+- `ccu`: inverse contrastive on ``z_m`` + KL retention + retain task loss + full-input task loss
+  with ``z_m`` held fixed + separation margin.
 - `manu`: zero the top ``fraction`` of output neurons of m's encoder, scored on real ``x_m``
   (forget) against zero-filled ``x_m`` (retain), then `steps` of retain finetuning.
 - `modalimmune`: collapse m permanently (the forget gate: ``z_m`` is the null embedding), then
@@ -32,8 +33,9 @@ Methods (DESIGN.md §4; the losses are in `modalimmune_jax/methods/unlearning.py
 - ``alone``: the full metric dicts with only m present, ``zero`` and ``mask``;
 - ``retained``: ``without`` / ``without_mask`` (m removed, `zero` / `mask` protocol) and ``full``;
 - ``original``: the same three blocks for the trained model before unlearning;
-- ``wall_time_s`` (the method itself: scoring, pruning, training, compilation included; not the
-  evaluation), ``method``, ``forget``, ``steps``, ``metric`` (the curve metric's name),
+- ``wall_time_s`` (the method itself: scoring, pruning, training, compilation included; not our
+  evaluation, though for `retrain` it includes the trainer's own final evaluation, and
+  ``details.train_loop_s`` is its training loop alone), ``method``, ``forget``, ``steps``, ``metric`` (the curve metric's name),
   ``hparams``, ``details`` (method-specific: MANU's pruned neurons, the neggrad clamp, ...).
 
 Probe labels: classes for classification, ``y >= 0`` for regression and sentiment, the binary

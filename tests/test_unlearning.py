@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import train, unlearn
+from experiments import eval_lib, train, unlearn
 from experiments.configs import default
 from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.methods import unlearning
@@ -193,6 +193,12 @@ def test_chance_loss_by_hand():
 # --------------------------------------------------------------------------- end to end
 
 
+def _full_only(evaluator, params, arrays):
+    # The trainer's final robustness protocol (tested in test_train) compiles dozens of programs;
+    # these tests need only the checkpoint.
+    return {"full": evaluator.full(params, arrays)}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     config = default.get_config("digits,tiny")
@@ -201,7 +207,9 @@ def trained(tmp_path_factory):
         config.eval_every = 60
         config.checkpoint_every = 60
     workdir = str(tmp_path_factory.mktemp("unl") / "erm")
-    train.train_and_evaluate(config, workdir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_lib, "final_evaluation", _full_only)
+        train.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -250,7 +258,8 @@ def test_neggrad_raises_the_forget_loss(trained, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["modalimmune", "retrain"])
-def test_gated_methods_leave_nothing_to_probe(trained, tmp_path, method):
+def test_gated_methods_leave_nothing_to_probe(trained, tmp_path, monkeypatch, method):
+    monkeypatch.setattr(eval_lib, "final_evaluation", _full_only)  # retrain's own evaluation
     out = str(tmp_path / method)
     result = unlearn.unlearn(trained, "left", method, out, steps=STEPS)
     _check_body(result, method, STEPS)
@@ -279,16 +288,34 @@ def test_cli_rejects_an_unknown_modality(trained, tmp_path):
 # ------------------------------------------------------------------------------------ slow
 
 
-@pytest.mark.slow
-def test_modalimmune_and_ccu_forget_and_keep_retrain_utility(tmp_path):
-    """Full digits: probe near chance; utility without m within 2 points of retraining."""
-    config = default.get_config("digits")
-    workdir = str(tmp_path / "erm")
-    train.train_and_evaluate(config, workdir)
-    results = {m: unlearn.unlearn(workdir, "left", m, str(tmp_path / m))
-               for m in ("retrain", "modalimmune", "ccu")}
+@pytest.fixture(scope="module")
+def digits_comparison(tmp_path_factory):
+    """Full digits (erm, 1500 steps), then retrain, modalimmune and CCU forgetting `left`."""
+    root = tmp_path_factory.mktemp("unl_digits")
+    workdir = str(root / "erm")
+    train.train_and_evaluate(default.get_config("digits"), workdir)
+    return {m: unlearn.unlearn(workdir, "left", m, str(root / m))
+            for m in ("retrain", "modalimmune", "ccu")}
+
+
+def _forgets_and_keeps_retrain_utility(results, method):
+    fq = results[method]["forget_quality"]
+    # The probe can read m before unlearning (0.82 measured), so near-chance is a real change.
+    assert results[method]["original"]["forget_quality"]["probe_acc"] > 0.5
+    assert fq["probe_acc"] <= fq["chance"] + 0.05, fq
     gold = results["retrain"]["retained"]["without"]["acc"]
-    for m in ("modalimmune", "ccu"):
-        fq = results[m]["forget_quality"]
-        assert fq["probe_acc"] <= fq["chance"] + 0.05, (m, fq)
-        assert results[m]["retained"]["without"]["acc"] >= gold - 0.02, (m, gold, results[m])
+    assert results[method]["retained"]["without"]["acc"] >= gold - 0.02, (gold, results[method])
+
+
+@pytest.mark.slow
+def test_modalimmune_forgets_and_keeps_retrain_utility(digits_comparison):
+    _forgets_and_keeps_retrain_utility(digits_comparison, "modalimmune")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on digits: CCU's probe accuracy on z_left stays at 0.73 (chance 0.10, 0.82 before) "
+    "and its utility without `left` is 0.70 (retrain 0.94): the KL retention pulls towards the "
+    "erm model's own poor without-left predictions (0.53)"))
+def test_ccu_forgets_and_keeps_retrain_utility(digits_comparison):
+    _forgets_and_keeps_retrain_utility(digits_comparison, "ccu")

@@ -224,7 +224,18 @@ def _task(preds, labels, info, regression_loss):
 
 
 def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
-    """``L = mean_b l(f(x_retain), y)``: `finetune`, `modalimmune` and MANU's finetune."""
+    """``L = mean_b l(f(x_retain), y)``: `finetune`, `modalimmune` and MANU's finetune.
+
+    Args (shared by every factory here):
+      apply_fns: the model's pure functions (gated or not).
+      info: the dataset's ``DatasetInfo`` (modalities, task).
+      index: the forgotten modality's column.
+      hparams: :func:`default_hparams` (``mask_prob`` and the method's block).
+      regression_loss: ``config.loss.regression``.
+
+    Returns:
+      ``loss_fn(params, frozen, batch, rng) -> (scalar float32, {name: scalar})``.
+    """
     keep = 1.0 - jax.nn.one_hot(index, len(info.modalities))
 
     def loss_fn(params, frozen, batch, rng):
@@ -238,7 +249,10 @@ def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
 
 
 def make_neggrad_loss(apply_fns, *, info, index, hparams, max_forget_loss, regression_loss="l1"):
-    """``L = L_retain - w_f mean_b min(l(f(x_forget), y), max_forget_loss)`` (module docstring)."""
+    """``L = L_retain - w_f mean_b min(l(f(x_forget), y), max_forget_loss)`` (module docstring).
+
+    `max_forget_loss` is the per-example clamp (a float; :func:`chance_loss` by default).
+    """
     mods = info.modalities
     only = jax.nn.one_hot(index, len(mods))
 

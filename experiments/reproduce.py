@@ -1,4 +1,4 @@
-r"""Runs every method × seed of one suite and writes results.json, table.md and plots (DESIGN.md §5, §7).
+r"""Runs methods × seeds of one suite; writes results.json, table.md and plots (DESIGN.md §5, §7).
 
   python -m experiments.reproduce --suite=synthetic --out=/tmp/repro_syn --fast
   python -m experiments.reproduce --suite=digits --out=/tmp/repro_digits --seeds=3
@@ -64,10 +64,7 @@ TABLE_METRICS = {"classification": ("acc",), "sentiment": ("Non0_acc_2", "MAE"),
 KIND_TITLES = {"gaussian": "Gaussian", "timestep_drop": "Timestep drop"}
 
 _SUITE = flags.DEFINE_enum("suite", None, SUITES, "Which dataset suite to run.")
-# allow_override: experiments.unlearn, imported later in this process, defines its own --out; this
-# flag's value is read before that import, so letting the later definition win is harmless.
-_OUT = flags.DEFINE_string("out", None, "Output folder (runs, results.json, table.md, plots).",
-                           allow_override=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder (runs, results.json, table.md, plots).")
 _FAST = flags.DEFINE_bool("fast", False, "Fewer steps per run (FAST_STEPS) for a quick look.")
 _TINY = flags.DEFINE_bool("tiny", False, "The config's `tiny` modifier (smoke tests).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "Steps per run; 0 keeps the preset/--fast value.")
@@ -375,7 +372,6 @@ def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None) 
     except ImportError as e:
         logging.warning("skipping the unlearning comparison: experiments.unlearn.unlearn is not "
                         "available (%s)", e)
-        tqdm.write(f"note: unlearning comparison skipped ({e})")
         return None
     results = {}
     for name in tqdm(UNLEARNING_METHODS, desc="unlearn", dynamic_ncols=True):

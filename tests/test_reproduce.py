@@ -1,4 +1,4 @@
-"""experiments.reproduce: seed summaries and tables on hand-made results, PNGs, and the suite end to end.
+"""experiments.reproduce: summaries and tables on hand-made results, PNGs, the suite end to end.
 
 The summaries and tables are checked against numbers worked out by hand (closed-form areas of
 linear curves); the end-to-end run trains one tiny synthetic model and checks the files, their

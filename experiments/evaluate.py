@@ -18,7 +18,9 @@ from experiments import eval_lib, io_lib, train
 from experiments.config_lib import ConfigError
 from modalimmune_jax import methods
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
+# `--workdir` is defined once, by experiments.train (imported above); defining it again here
+# raised DuplicateFlagError.
+_WORKDIR = train._WORKDIR
 
 
 def evaluate(workdir: str) -> dict:

@@ -87,7 +87,12 @@ def make_consistency_loss(apply_fns, *, info, config):
             out = apply_fns.apply(p, perturbed(deltas))["preds"]
             return jnp.mean(prediction_divergence(out, clean, task=info.task))
 
-        deltas = {m: jnp.zeros_like(batch[m]) for m in mods}
+        # Random start in [-eps, eps] (Madry et al.): at delta = 0 the divergence is at its
+        # minimum, its gradient is zero, and the attack would never move.
+        k_init = jax.random.fold_in(rng, 1)
+        deltas = {m: jax.random.uniform(jax.random.fold_in(k_init, i), batch[m].shape,
+                                        batch[m].dtype, -cc.eps, cc.eps)
+                  for i, m in enumerate(mods)}
         frozen = jax.lax.stop_gradient(params)
         for _ in range(cc.steps):  # a few static steps; the attack does not train the model
             g = jax.grad(divergence)(deltas, frozen)

@@ -8,7 +8,6 @@ import os
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -16,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 import data_pipelines
 from experiments import eval_lib, io_lib, train
 from experiments.config_lib import ConfigError
-from modalimmune_jax import methods
 
 # `--workdir` is defined once, by experiments.train (imported above); defining it again here
 # raised DuplicateFlagError.
@@ -33,16 +31,8 @@ def evaluate(workdir: str) -> dict:
     mesh = train.make_mesh()
     replicated = NamedSharding(mesh, P())
     info, data_dir, build_model, apply_fns = train.setup(config, workdir)
-    tx, _ = train.make_optimizer(config)
-    method = methods.make_method(config.method, apply_fns, info=info, config=config)
-    init_fn = train.make_init_fn(build_model, tx, method)
-    abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), replicated)
-    mngr = train.init_checkpoint_manager(workdir, config)
-    step = mngr.latest_step()
-    if step is None:
-        raise ConfigError(f"--workdir={workdir}: no checkpoint to evaluate")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    params, meta, _ = train.restore_best(workdir, config, build_model=build_model,
+                                         apply_fns=apply_fns, info=info, sharding=replicated)
     put = train.make_put_fn(NamedSharding(mesh, P("data")))
     train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=data_dir)
     evaluator = eval_lib.Evaluator(
@@ -50,9 +40,9 @@ def evaluate(workdir: str) -> dict:
         feature_std=eval_lib.feature_stds(train_arrays, info.modalities))
     del train_arrays
     test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=data_dir)
-    results = eval_lib.final_evaluation(evaluator, restored["state"]["best_params"], test_arrays)
-    results["best_step"] = restored["meta"]["best_step"]
-    results["valid_best"] = restored["meta"]["best_value"]
+    results = eval_lib.final_evaluation(evaluator, params, test_arrays)
+    results["best_step"] = meta["best_step"]
+    results["valid_best"] = meta["best_value"]
     if jax.process_index() == 0:
         io_lib.atomic_write_json(os.path.join(workdir, "eval.json"), results)
     return results

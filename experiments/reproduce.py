@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -321,18 +320,9 @@ def restore_best_params(workdir: str):
         config = ml_collections.ConfigDict(json.load(f))
     replicated = NamedSharding(train.make_mesh(), P())
     info, data_dir, build_model, apply_fns = train.setup(config, workdir)
-    tx, _ = train.make_optimizer(config)
-    method = methods_lib.make_method(config.method, apply_fns, info=info, config=config)
-    init_fn = train.make_init_fn(build_model, tx, method)
-    abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), replicated)
-    mngr = train.init_checkpoint_manager(workdir, config)
-    step = mngr.latest_step()
-    if step is None:
-        raise ConfigError(f"{workdir}: no checkpoint to restore")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    mngr.close()
-    return config, info, data_dir, apply_fns, restored["state"]["best_params"]
+    params, _, _ = train.restore_best(workdir, config, build_model=build_model,
+                                      apply_fns=apply_fns, info=info, sharding=replicated)
+    return config, info, data_dir, apply_fns, params
 
 
 def embedding_spectra(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -127,6 +127,26 @@ def init_checkpoint_manager(workdir, config):
         item_names=("state", "data", "meta"))
 
 
+def restore_best(workdir, config, *, build_model, apply_fns, info, sharding):
+    """The best-on-valid params of `workdir`'s latest checkpoint: ``(params, meta, step)``.
+
+    Shared by `evaluate`, `reproduce` and `unlearn`; the abstract target is built exactly as in
+    training, so the restore checks every shape.
+    """
+    tx, _ = make_optimizer(config)
+    method = methods.make_method(config.method, apply_fns, info=info, config=config)
+    init_fn = make_init_fn(build_model, tx, method)
+    abstract = abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), sharding)
+    mngr = init_checkpoint_manager(workdir, config)
+    step = mngr.latest_step()
+    if step is None:
+        raise config_lib.ConfigError(f"--workdir={workdir}: no checkpoint to restore")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    mngr.close()
+    return restored["state"]["best_params"], restored["meta"], step
+
+
 def restore_latest(mngr, abstract_state, data_iter):
     """Restores the newest readable checkpoint; falls back past corrupt ones with a warning.
 

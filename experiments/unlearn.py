@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
 from jax.flatten_util import ravel_pytree
@@ -66,7 +65,7 @@ from ml_collections import config_flags
 import data_pipelines
 from experiments import eval_lib, io_lib, train
 from experiments.config_lib import ConfigError
-from modalimmune_jax import losses, methods
+from modalimmune_jax import losses
 from modalimmune_jax.evaluation import iterate_batches, predict_split
 from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.methods import unlearning
@@ -136,17 +135,10 @@ def _load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_best_params(workdir, config, build_model, apply_fns, info, replicated):
-    """``(best-on-valid params, step)`` of `workdir`'s latest checkpoint (as `evaluate` does)."""
-    tx, _ = train.make_optimizer(config)
-    method = methods.make_method(config.method, apply_fns, info=info, config=config)
-    init_fn = train.make_init_fn(build_model, tx, method)
-    abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)), replicated)
-    mngr = train.init_checkpoint_manager(workdir, config)
-    step = mngr.latest_step()
-    if step is None:
-        raise ConfigError(f"--workdir={workdir}: no checkpoint to unlearn from")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored["state"]["best_params"], step
+    """``(best-on-valid params, step)`` of `workdir`'s latest checkpoint."""
+    params, _, step = train.restore_best(workdir, config, build_model=build_model,
+                                         apply_fns=apply_fns, info=info, sharding=replicated)
+    return params, step
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from modalimmune_jax import controller as ctrl_lib
 from modalimmune_jax import curvature, hypergrad, losses, robustness, spectral
 from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.methods import Method
+from modalimmune_jax.model import collapse_target
 
 CERT_KEYS = ("valid", "bound", "residual_norm", "lambda_min", "lambda_max", "num_terms_used")
 
@@ -74,15 +75,12 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         mask = batch["mask"]
         h_clean, preds_clean = apply_fns.head(params, z, mask)
         if mi.collapse:
-            z_col = spectral.spectral_collapse
-            collapsed = jax.vmap(lambda zm: z_col(zm, strength, mi.gamma), in_axes=1,
-                                 out_axes=1)(z)
+            z_null = None
             if mi.anchor == "null":
-                null_batch = drop_modalities(batch, jnp.zeros(num_m), modalities=mods,
-                                             set_mask=False)
-                z_null = apply_fns.encode(params, null_batch)
-                collapsed = collapsed + strength * (z_null - jnp.mean(z, axis=0, keepdims=True))
-            z_hit = z + target[None, :, None] * (collapsed - z)
+                z_null = apply_fns.encode(params, drop_modalities(
+                    batch, jnp.zeros(num_m), modalities=mods, set_mask=False))
+            z_hit = collapse_target(z, target, strength, mi.gamma,
+                                    collapse_fn=spectral.spectral_collapse, null=z_null)
         else:
             zero_batch = drop_modalities(batch, 1.0 - target, modalities=mods, set_mask=False)
             z_hit = apply_fns.encode(params, zero_batch)

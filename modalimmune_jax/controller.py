@@ -135,25 +135,38 @@ def select_target(
     *,
     p_clean: jax.typing.ArrayLike = 0.2,
     tau: jax.typing.ArrayLike = 1.0,
+    max_targets: int = 1,
 ) -> jax.Array:
-    """Samples this step's collapse target as a one-hot vector (all zeros for a clean step).
+    """Samples this step's collapse targets as a multi-hot vector (all zeros for a clean step).
 
-    With probability ``p_clean`` the step is clean; otherwise ``m* ~ softmax(G / tau)``, so the
-    controller goes after the modality the model currently depends on most.
+    With probability ``p_clean`` the step is clean. Otherwise ``k ~ Uniform{1..max_targets}``
+    targets are drawn without replacement from ``softmax(G / tau)`` (Gumbel top-k, i.e.
+    Plackett-Luce), so the controller goes after the modality the model currently depends on most
+    and, with ``k > 1``, after the next ones too: losing two of three modalities is also trained.
+    ``max_targets=1`` is exactly ``m* ~ softmax(G / tau)`` (the same draw as
+    ``jax.random.categorical`` with the same key).
 
     Args:
         state: ``ControllerState`` with ``gain_ema`` ``[M]``.
         rng: a PRNG key.
         p_clean: scalar probability of a clean step.
         tau: scalar softmax temperature ``> 0``.
+        max_targets: static int in ``[1, M]``; most modalities collapsed in one step.
 
     Returns:
-        ``[M] float32``: one-hot of the target, or zeros on a clean step.
+        ``[M] float32``: multi-hot of the targets, or zeros on a clean step.
 
-    Reference: DESIGN.md §3.1.
+    Reference: DESIGN.md §3.1 (the multi-target draw is our extension, README "Formulation
+    changes").
     """
-    rng_clean, rng_target = jax.random.split(rng)
+    num_m = state.gain_ema.shape[-1]
+    if not 1 <= max_targets <= num_m:
+        raise ValueError(f"max_targets must be in [1, {num_m}], got {max_targets}")
+    rng_clean, rng_target, rng_k = jax.random.split(rng, 3)
     clean = jax.random.bernoulli(rng_clean, p_clean)
-    target = jax.random.categorical(rng_target, state.gain_ema / tau)
-    onehot = jax.nn.one_hot(target, state.gain_ema.shape[-1], dtype=jnp.float32)
-    return jnp.where(clean, jnp.zeros_like(onehot), onehot)
+    scores = state.gain_ema / tau + jax.random.gumbel(rng_target, state.gain_ema.shape)
+    k = jax.random.randint(rng_k, (), 1, max_targets + 1)
+    # rank[i] = how many modalities score above i; the k best have rank < k.
+    rank = jnp.sum(scores[None, :] > scores[:, None], axis=1)
+    targets = (rank < k).astype(jnp.float32)
+    return jnp.where(clean, jnp.zeros_like(targets), targets)

@@ -41,6 +41,7 @@ def neumann_inverse_hvp(
     key: jax.Array | None = None,
     power_iters: int = 20,
     spectrum: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
+    floor_curvature: bool = False,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Truncated Neumann series for ``(H + μI)^{-1} v``, with an error certificate.
 
@@ -76,24 +77,33 @@ def neumann_inverse_hvp(
       key: PRNG key for the Lanczos start vector; None uses ``PRNGKey(0)``.
       power_iters: Lanczos iterations for the spectrum estimate (static).
       spectrum: optional known ``(lambda_min, lambda_max)`` of ``A``; skips the Lanczos HVPs.
+      floor_curvature: raise ``μ`` by the negative curvature (above); static bool.
 
     Returns:
       ``(x, certificate)``: ``x`` a pytree like ``v``; ``certificate`` a dict of ``[]`` arrays
       ``bound``, ``residual_norm``, ``posterior_bound``, ``valid`` (bool), ``num_terms_used``
-      (int32), ``lambda_max``, ``lambda_min``, ``alpha``, ``rho``.
+      (int32), ``lambda_max``, ``lambda_min``, ``alpha``, ``rho``, ``damping`` (the ``μ`` used).
 
     Reference: DESIGN.md §3.4; Lorraine, Vicol & Duvenaud (2020), "Optimizing millions of
     hyperparameters by implicit differentiation".
     """
 
-    def matvec(u):
-        return optax.tree.add_scale(hvp_fn(u), damping, u)
+    damping = jnp.asarray(damping)
+
+    def damped(mu):
+        return lambda u: optax.tree.add_scale(hvp_fn(u), mu, u)
 
     if spectrum is None:
         key = jax.random.PRNGKey(0) if key is None else key
-        lam_max, lam_min = extreme_eigenvalues_from_hvp(matvec, v, key=key, iters=power_iters)
+        lam_max, lam_min = extreme_eigenvalues_from_hvp(damped(damping), v, key=key,
+                                                        iters=power_iters)
     else:
         lam_min, lam_max = (jnp.asarray(s) for s in spectrum)
+    if floor_curvature:
+        # lam_min - damping is λ_min(H): shift the whole spectrum up by its negative part.
+        shift = jnp.maximum(0.0, damping - lam_min)
+        damping, lam_min, lam_max = damping + shift, lam_min + shift, lam_max + shift
+    matvec = damped(damping)
     alpha = 1.0 / lam_max if alpha is None else jnp.asarray(alpha)
     rho = jnp.maximum(jnp.abs(1.0 - alpha * lam_min), jnp.abs(1.0 - alpha * lam_max))
     valid = (lam_min > 0) & (rho < 1)
@@ -131,6 +141,7 @@ def neumann_inverse_hvp(
         "lambda_min": lam_min,
         "alpha": alpha,
         "rho": rho,
+        "damping": damping,
     }
     return x, certificate
 
@@ -148,6 +159,7 @@ def implicit_hypergradient(
     key: jax.Array | None = None,
     power_iters: int = 20,
     spectrum: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
+    floor_curvature: bool = False,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """IFT hypergradient ``dL_out/dφ = -(∂²L_in/∂φ∂θ) (H + μI)^{-1} ∇θ L_out``.
 
@@ -161,7 +173,8 @@ def implicit_hypergradient(
       outer_loss: ``params -> [] float``, the validation loss ``L_out(θ)``.
       params: ``θ``, a pytree of float arrays.
       meta: ``φ``, a pytree of float arrays (continuous meta-parameters).
-      alpha, num_terms, damping, tol, key, power_iters, spectrum: as in `neumann_inverse_hvp`.
+      alpha, num_terms, damping, tol, key, power_iters, spectrum, floor_curvature: as in
+        `neumann_inverse_hvp`.
 
     Returns:
       ``(hypergrad, certificate)``: ``hypergrad`` a pytree like ``meta``; ``certificate`` the
@@ -181,6 +194,7 @@ def implicit_hypergradient(
         key=key,
         power_iters=power_iters,
         spectrum=spectrum,
+        floor_curvature=floor_curvature,
     )
     x = lax.stop_gradient(x)
 

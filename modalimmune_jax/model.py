@@ -202,34 +202,34 @@ def make_apply_fns(graphdef: nnx.GraphDef, collapse_fn=None) -> ApplyFns:
 
 def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collapse_fn,
                     null: jax.Array | None = None) -> jax.Array:
-    """Applies ``collapse_fn`` to the modality picked by the one-hot ``target``.
+    """Applies ``collapse_fn`` to each modality picked by the multi-hot ``target``.
 
-    Only the target's embedding is collapsed: one ``[B, d]`` SVD, not one per modality. A batched
-    (vmapped) SVD is also what deadlocked XLA:CPU on 2 cores: LAPACK's batch loop blocks a worker
-    of the intra-op pool while waiting for chunks queued on that same pool, and two such SVDs in
-    flight took both workers.
+    The modalities go through a `lax.map`, one ``[B, d]`` SVD at a time. A batched (vmapped) SVD
+    deadlocked XLA:CPU on 2 cores: LAPACK's batch loop blocks a worker of the intra-op pool while
+    waiting for chunks queued on that same pool, and two such SVDs in flight took both workers.
 
     Args:
       z: ``[B, M, d]`` embeddings.
-      target: ``[M]`` float one-hot (all zeros: no change).
+      target: ``[M]`` float multi-hot (one-hot for one target; all zeros: no change).
       strength, gamma: scalars forwarded to ``collapse_fn``.
       collapse_fn: ``(Z [B, d], strength, gamma) -> [B, d]``.
-      null: optional ``[B, M, d]`` embeddings of the zero-filled input. When given, the collapsed
-        target's centre also moves from its batch mean towards the null embedding by ``strength``,
-        so a full collapse lands where a missing modality lands (README, "Formulation changes").
+      null: optional ``[B, M, d]`` embeddings of the zero-filled input. When given, a collapsed
+        modality's centre also moves from its batch mean towards its null embedding by
+        ``strength``, so a full collapse lands where a missing modality lands (README,
+        "Formulation changes").
 
     Returns:
-      ``[B, M, d]``: ``z`` with the target's embedding replaced by its collapse.
+      ``[B, M, d]``: ``z`` with the targets' embeddings replaced by their collapse.
     """
     if collapse_fn is None:
         raise ValueError("interventions['target'] needs a collapse_fn (make_apply_fns)")
-    t = target.astype(z.dtype)
-    z_t = jnp.einsum("bmd,m->bd", z, t)
-    collapsed = collapse_fn(z_t, strength, gamma)
+    zm = jnp.moveaxis(z, 1, 0)  # [M, B, d]
+    collapsed = jax.lax.map(lambda x: collapse_fn(x, strength, gamma), zm)
     if null is not None:
-        collapsed = collapsed + strength * (jnp.einsum("bmd,m->bd", null, t)
-                                            - jnp.mean(z_t, axis=0, keepdims=True))
-    return z + t[None, :, None] * (collapsed[:, None, :] - z)
+        collapsed = collapsed + strength * (jnp.moveaxis(null, 1, 0)
+                                            - jnp.mean(zm, axis=1, keepdims=True))
+    t = target.astype(z.dtype)[None, :, None]
+    return z + t * (jnp.moveaxis(collapsed, 0, 1) - z)
 
 
 def create_model(info, model_cfg, *, rngs: nnx.Rngs) -> FusionModel:

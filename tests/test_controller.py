@@ -72,6 +72,37 @@ def test_select_target_frequencies(p_clean, tau):
                                expected, rtol=1e-5)
 
 
+def test_select_two_targets_is_plackett_luce():
+    # k ~ Uniform{1, 2}; the pair drawn without replacement from softmax(G): P({i, j}) =
+    # p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j), computed by hand from the softmax.
+    g = np.array([1.0, 0.0, -1.0])
+    p = np.exp(g) / np.exp(g).sum()
+    state = controller.ControllerState(jnp.asarray(g, jnp.float32), jnp.int32(1))
+    keys = jax.random.split(jax.random.key(2), 40000)
+    picks = np.asarray(jax.vmap(lambda k: controller.select_target(
+        state, k, p_clean=0.0, tau=1.0, max_targets=2))(keys))
+    sizes = picks.sum(1)
+    assert set(np.unique(sizes)) == {1.0, 2.0}
+    assert abs(np.mean(sizes == 2) - 0.5) < 0.01
+    single = picks[sizes == 1]
+    np.testing.assert_allclose(single.mean(0), p, atol=0.015)
+    pairs = picks[sizes == 2]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        expected = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j])
+        assert abs(np.mean(pairs[:, i] * pairs[:, j]) - expected) < 0.015
+    with pytest.raises(ValueError, match="max_targets"):
+        controller.select_target(state, keys[0], max_targets=4)
+
+
+def test_one_target_is_the_categorical_draw():
+    state = controller.ControllerState(jnp.array([0.3, -0.2, 0.5, 0.0]), jnp.int32(1))
+    for key in jax.random.split(jax.random.key(3), 20):
+        _, k_target, _ = jax.random.split(key, 3)
+        onehot = controller.select_target(state, key, p_clean=0.0, tau=0.7)
+        assert int(jnp.argmax(onehot)) == int(jax.random.categorical(k_target,
+                                                                     state.gain_ema / 0.7))
+
+
 def test_small_tau_picks_the_argmax():
     state = controller.ControllerState(jnp.array([0.1, 0.3, 0.2]), jnp.int32(1))
     keys = jax.random.split(jax.random.key(1), 200)

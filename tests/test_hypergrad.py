@@ -114,6 +114,25 @@ def test_neumann_invalid_certificates(x64):
     np.testing.assert_allclose([cert["lambda_min"], cert["lambda_max"]], [-0.9, 3.1], rtol=1e-9)
 
 
+def test_neumann_curvature_floor_solves_the_shifted_system(x64):
+    # The indefinite H above: the floor raises μ = 0.1 by λ_min(H) = -1 to μ' = 1.1, so the series
+    # solves (H + 1.1 I) x = v, whose spectrum is [0.1, 4.1].
+    h = _spd(np.concatenate([[-1.0], np.linspace(0.5, 3.0, N - 1)]), seed=4)
+    v = np.random.default_rng(3).normal(size=N)
+    x, cert = jax.jit(lambda v: neumann_inverse_hvp(
+        lambda u: jnp.asarray(h) @ u, v, num_terms=400, damping=0.1, power_iters=N,
+        floor_curvature=True))(jnp.asarray(v))
+    assert cert["valid"]
+    np.testing.assert_allclose(cert["damping"], 1.1, rtol=1e-9)
+    np.testing.assert_allclose([cert["lambda_min"], cert["lambda_max"]], [0.1, 4.1], rtol=1e-9)
+    err = np.linalg.norm(np.asarray(x) - np.linalg.solve(h + 1.1 * np.eye(N), v))
+    assert err <= cert["bound"] * (1 + 1e-9) and cert["bound"] < 1e-2
+    # Positive definite already: the floor leaves μ alone.
+    _, cert = neumann_inverse_hvp(lambda u: jnp.asarray(_spd(EIGS)) @ u, jnp.asarray(v),
+                                  num_terms=3, damping=0.5, power_iters=N, floor_curvature=True)
+    np.testing.assert_allclose(cert["damping"], 0.5, rtol=1e-12)
+
+
 def test_neumann_tol_picks_smallest_k(x64):
     a = _spd(EIGS)
     v = np.random.default_rng(5).normal(size=N)

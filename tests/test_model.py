@@ -89,6 +89,30 @@ def test_collapse_target_replaces_only_the_target():
     np.testing.assert_array_equal(out[:, [0, 2]], z[:, [0, 2]])
     np.testing.assert_array_equal(
         collapse_target(z, jnp.zeros(3), 1.0, 0.0, collapse_fn=lambda zm, s, g: -zm), z)
+    two = collapse_target(z, jnp.array([1.0, 0.0, 1.0]), 1.0, 0.0,
+                          collapse_fn=lambda zm, s, g: -zm)
+    np.testing.assert_array_equal(two[:, [0, 2]], -z[:, [0, 2]])
+    np.testing.assert_array_equal(two[:, 1], z[:, 1])
+
+
+def test_collapse_target_null_anchor_by_hand():
+    # A full collapse (strength 1, gamma 0) maps the target to its batch mean; the null anchor
+    # then moves that centre onto the null embedding: the target becomes exactly `null`.
+    from modalimmune_jax.spectral import spectral_collapse
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    null = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    out = collapse_target(z, jnp.array([0.0, 1.0, 0.0]), 1.0, 0.0,
+                          collapse_fn=spectral_collapse, null=null)
+    np.testing.assert_allclose(out[:, 1], null[:, 1], atol=1e-5)
+    np.testing.assert_array_equal(out[:, [0, 2]], z[:, [0, 2]])
+    # Half strength: halfway between the (gamma=0) shrunk spread and the moved centre.
+    half = collapse_target(z, jnp.array([0.0, 1.0, 0.0]), 0.5, 0.0,
+                           collapse_fn=spectral_collapse, null=null)
+    zt = np.asarray(z[:, 1])
+    mu = zt.mean(0, keepdims=True)
+    expected = mu + 0.5 * (zt - mu) + 0.5 * (np.asarray(null[:, 1]) - mu)
+    np.testing.assert_allclose(half[:, 1], expected, atol=1e-5)
 
 
 def test_apply_with_interventions_uses_collapse():

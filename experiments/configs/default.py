@@ -125,6 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.ema_beta = 0.9
     config.mi.p_clean = 0.2
     config.mi.tau = 0.5
+    # Up to this many modalities collapsed in one step (k ~ Uniform{1..max_targets}, drawn from the
+    # controller's softmax without replacement); 1 is DESIGN.md's single target.
+    config.mi.max_targets = 2
     # Spectral collapse of the target's embedding (§3.2); off: zero-fill the target instead.
     config.mi.collapse = True
     # Initial collapse strength in (0, 1) (a meta-parameter) and the energy exponent gamma.
@@ -153,6 +156,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.meta_lr = 0.05
     config.mi.neumann_terms = 10
     config.mi.damping = 1.0
+    # Raise the damping by the negative curvature Lanczos finds (hypergrad.neumann_inverse_hvp):
+    # away from an optimum H is indefinite and a fixed damping leaves the series divergent.
+    config.mi.floor_curvature = True
     config.mi.power_iters = 10
 
     config.eval = ml_collections.ConfigDict()

@@ -36,7 +36,8 @@ from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.methods import Method
 from modalimmune_jax.model import collapse_target
 
-CERT_KEYS = ("valid", "bound", "residual_norm", "lambda_min", "lambda_max", "num_terms_used")
+CERT_KEYS = ("valid", "bound", "residual_norm", "lambda_min", "lambda_max", "num_terms_used",
+             "damping")
 
 
 def _cert_zeros():
@@ -50,6 +51,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     num_m = len(mods)
     mask_tx = curvature.curvature_mask(quantile=mi.quantile, mode=mi.mask_mode, beta=mi.mask_beta)
     meta_tx = optax.adam(mi.meta_lr)
+    # Collapsing every modality at once leaves nothing to learn from: at most M - 1 targets.
+    max_targets = max(1, min(mi.max_targets, num_m - 1))
     # Every missing pattern with at least one modality kept, the full set included.
     patterns = jnp.asarray(np.stack([np.ones(num_m, np.float32)] + [
         keep for _, keep in robustness.missing_conditions(mods)]))
@@ -95,13 +98,12 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
                                                   losses.pooled_features(batch, mods)))
         lam_c, lam_r = jnp.exp(phi["log_reg_weight"]), jnp.exp(phi["log_rec_weight"])
-        hit = jnp.sum(target)  # 0 on a clean step: the collapsed branch equals the clean one
+        hit = jnp.max(target)  # 0 on a clean step: the collapsed branch equals the clean one
         destructive = hit * (mi.collapse_weight * task_col + lam_c * reg)
         total = task_clean + destructive + lam_r * rec
         aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
                "rec_loss": rec, "strength": strength,
-               "effective_rank_target": spectral.effective_rank(jnp.einsum("bmd,m->bd", z,
-                                                                          target))}
+               "effective_rank_target": spectral.effective_rank(z[:, jnp.argmax(target)])}
         return (total, destructive), aux
 
     def init(params):
@@ -126,11 +128,10 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 return ctrl_lib.update_controller(c, ig, beta=mi.ema_beta), ig
             controller, last_ig = jax.lax.cond(step % mi.ig_every == 0, refresh,
                                                lambda c: (c, last_ig), controller)
-            target = ctrl_lib.select_target(controller, k_target, p_clean=mi.p_clean, tau=mi.tau)
-        else:
-            k_clean, k_pick = jax.random.split(k_target)
-            pick = jax.nn.one_hot(jax.random.randint(k_pick, (), 0, num_m), num_m)
-            target = jnp.where(jax.random.uniform(k_clean) < mi.p_clean, 0.0, pick)
+        # Off: the same draw from a flat gain, i.e. uniform targets.
+        target = ctrl_lib.select_target(
+            controller if mi.controller else ctrl_lib.init_controller(num_m), k_target,
+            p_clean=mi.p_clean, tau=mi.tau, max_targets=max_targets)
         flag_absent = jax.random.bernoulli(k_absent, mi.mask_prob).astype(jnp.float32)
 
         # 2-3. Both gradients from one vjp.
@@ -163,7 +164,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                     lambda p, f: objective(p, batch, f, target, flag_absent)[0][0],
                     lambda p: robust_val_loss(p, meta_batch), params, phi,
                     num_terms=mi.neumann_terms, damping=mi.damping, key=k_meta,
-                    power_iters=mi.power_iters)
+                    power_iters=mi.power_iters, floor_curvature=mi.floor_curvature)
                 ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
                                                      for x in jax.tree.leaves(hg)]))
                 upd, new_opt = meta_tx.update(hg, meta_opt, phi)
@@ -180,7 +181,9 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                      "mask_state": mask_state, "phi": phi, "meta_opt": meta_opt, "cert": cert,
                      "meta_skips": meta_skips}
         meas = {**aux, "loss": total, "destructive_loss": destructive,
-                "target": jnp.where(jnp.sum(target) > 0, jnp.argmax(target), -1),  # -1: clean step
+                # The first target by index (-1: a clean step) and how many were collapsed.
+                "target": jnp.where(jnp.sum(target) > 0, jnp.argmax(target), -1),
+                "num_targets": jnp.sum(target),
                 "mask_fraction": getattr(mask_state, "fraction_masked", jnp.zeros([])),
                 "meta_skips": meta_skips,
                 "reg_weight": jnp.exp(phi["log_reg_weight"]),

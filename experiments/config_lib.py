@@ -24,6 +24,17 @@ def _positive_int(config, name):
         raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
 
 
+def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
+    value = _get(config, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+        (lo is None or (value > lo if lo_open else value >= lo))
+        and (hi is None or (value < hi if hi_open else value <= hi)))
+    if not ok:
+        interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                    f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+        raise ConfigError(f"config.{name} must be a number in {interval}, got {value!r}")
+
+
 def _get(config, dotted):
     for part in dotted.split("."):
         config = config[part]
@@ -55,6 +66,34 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
         raise ConfigError(f"config.optimizer.lr must be > 0, got {config.optimizer.lr!r}")
     if not 0.0 <= config.moddrop.p < 1.0:
         raise ConfigError(f"config.moddrop.p must be in [0, 1), got {config.moddrop.p!r}")
+    # Fields that would otherwise fail deep inside the first jitted step, or silently give NaN
+    # (a strength of 1 has an infinite logit; a negative damping certifies nothing).
+    for name, lo, hi, lo_open, hi_open in (
+            ("optimizer.warmup_steps", 0, None, False, False),
+            ("optimizer.end_lr_factor", 0, None, False, False),
+            ("optimizer.weight_decay", 0, None, False, False),
+            ("optimizer.grad_clip", 0, None, False, False),
+            ("mi.strength", 0, 1, True, True), ("mi.p_clean", 0, 1, False, False),
+            ("mi.mask_prob", 0, 1, False, False), ("mi.ema_beta", 0, 1, False, True),
+            ("mi.curv_decay", 0, 1, False, True),
+            ("mi.tau", 0, None, True, False), ("mi.reg_weight", 0, None, True, False),
+            ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
+            ("loss.reconstruction", 0, None, True, False)):
+        _in_range(config, name, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    if config.mi.quantile is not None:  # None damps every entry (curvature.curvature_mask)
+        _in_range(config, "mi.quantile", 0, 1)
+    for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",
+                 "mi.power_iters"):
+        _positive_int(config, name)
+    if config.mi.anchor not in ("null", "mean"):
+        raise ConfigError(f"config.mi.anchor must be 'null' or 'mean', got {config.mi.anchor!r}")
+    if config.mi.mask_mode not in ("hard", "soft"):
+        raise ConfigError(f"config.mi.mask_mode must be 'hard' or 'soft', got "
+                          f"{config.mi.mask_mode!r}")
+    for name in ("mi.neumann_terms", "dataset.max_len"):
+        value = _get(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config.{name} must be an integer >= 0, got {value!r}")
     if config.dataset.name in ("npz", "cmu_mosi", "cmu_mosei", "iemocap"):
         path = config.dataset.path
         if not path:
@@ -62,6 +101,14 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
                               f"{config.dataset.name!r} (the folder holding its files)")
         if not os.path.isdir(path):
             raise ConfigError(f"config.dataset.path: {path!r} is not a directory")
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises :class:`ConfigError` unless `workdir` is a folder or a path one can be made at."""
+    if not workdir:
+        raise ConfigError("--workdir is empty; give the folder for outputs and checkpoints")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} exists and is not a directory")
 
 
 def _flatten(d, prefix=""):

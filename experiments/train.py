@@ -8,7 +8,9 @@ Writes config.json, metrics.jsonl, checkpoints/ (orbax) and eval.json into --wor
 the same --workdir resumes from the latest checkpoint.
 """
 
+import contextlib
 import os
+import re
 import sys
 import time
 
@@ -50,10 +52,15 @@ class CheckpointError(RuntimeError):
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """adamw with warmup-cosine, global-norm clipping, and non-finite updates skipped."""
+    """adamw with warmup-cosine, global-norm clipping, and non-finite updates skipped.
+
+    A run no longer than its warmup warms up for all but its last step: optax's cosine part needs
+    at least one decay step (``num_steps <= warmup_steps`` raised a ValueError before).
+    """
     opt = config.optimizer
+    warmup_steps = max(0, min(opt.warmup_steps, config.num_steps - 1))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt.lr, warmup_steps=min(opt.warmup_steps, config.num_steps),
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup_steps,
         decay_steps=config.num_steps, end_value=opt.lr * opt.end_lr_factor)
     tx = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
@@ -173,10 +180,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs training to ``config.num_steps`` (resuming if possible) and returns eval.json's body."""
     # 1. Workdir and logging.
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, "config.json")
+    # Everything checkable is checked before the workdir is touched (README "Reliability").
     config_lib.validate_config(config, methods=methods.METHODS)
+    config_lib.check_workdir(workdir)
+    config_path = os.path.join(workdir, "config.json")
     config_lib.check_workdir_compatible(config_path, config)
+    os.makedirs(workdir, exist_ok=True)
 
     # 2. Mesh: batch sharded on `data`, params replicated.
     mesh = make_mesh()
@@ -319,18 +328,60 @@ def quiet_libraries():
         logging.set_verbosity(logging.WARNING)
 
 
+def _one_line(message) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _exit_with_error(message) -> None:
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_cli(fn):
     """Runs `fn`, turning bad input into a one-line error and exit code 2 (no traceback).
 
-    Set MODALIMMUNE_DEBUG=1 to see the traceback instead.
+    OSError covers an unreadable or unwritable path (a file where a folder should be, no
+    permission, a missing config file); its message names the path. Set MODALIMMUNE_DEBUG=1 to
+    see the traceback instead.
     """
     try:
         return fn()
-    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as e:
+    except (ValueError, OSError, TrainingDiverged, CheckpointError) as e:
         if os.environ.get("MODALIMMUNE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_error(e)
+
+
+@contextlib.contextmanager
+def flag_errors(argv):
+    """Turns a bad command-line flag into ``error: ...`` naming the flag, and exit code 2.
+
+    absl prints a bad flag as a usage block; ml_collections turns a config file's ValueError into
+    a traceback inside the message, and raises a bare AttributeError for an unknown
+    ``--config.<field>`` (while parsing ``--config``, or at definition time for a config-dict
+    flag such as unlearn's ``--hparams``).
+    """
+    try:
+        yield
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _exit_with_error(lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args else e
+        while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError(msg))
+            inner = inner.args[0]
+        text = _one_line(inner)
+        field = (re.findall(r"'([^']+)'", text) or [""])[0]
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in a]
+        named = [a for a in overrides if a.split(".")[-1] == field] or overrides or ["a flag"]
+        hint = text[text.index("Did you mean"):] if "Did you mean" in text else ""
+        _exit_with_error(f"{named[0]}: no such config field {field!r}. {hint}".strip())
+
+
+def parse_flags(argv):
+    """absl's flag parsing with :func:`flag_errors`: ``app.run(main, flags_parser=parse_flags)``."""
+    with flag_errors(argv):
+        return flags.FLAGS(argv)
 
 
 def main(argv):
@@ -342,4 +393,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

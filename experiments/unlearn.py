@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -507,5 +508,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    # ml_collections resolves the --hparams.<field> overrides when the flag is defined, so a typo
+    # there is a bare AttributeError before app.run: one line instead, like every bad flag.
+    with train.flag_errors(sys.argv):
+        _define_flags()
+    app.run(main, flags_parser=train.parse_flags)

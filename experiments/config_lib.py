@@ -31,7 +31,7 @@ def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
         and (hi is None or (value < hi if hi_open else value <= hi)))
     if not ok:
         interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
-                    f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+                    f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
         raise ConfigError(f"config.{name} must be a number in {interval}, got {value!r}")
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data_pipelines
 import grain.checkpoint as grain_ckpt
-from experiments import config_lib, eval_lib, io_lib
+from experiments import config_lib, distributed, eval_lib, io_lib
 from modalimmune_jax import methods
 from modalimmune_jax.model import create_model, make_apply_fns
 from modalimmune_jax.spectral import spectral_collapse
@@ -242,9 +242,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          in_shardings=(replicated, data_sharding, data_sharding),
                          out_shardings=(replicated, replicated))
     # A fixed held-out batch from valid: the robust validation loss of the hypergradient (§3.4).
+    # Its first n_meta rows, each process putting its own slice (not the same first rows twice).
     n_meta = min(config.batch_size, len(valid_arrays["label"]))
     n_meta -= n_meta % jax.device_count()
-    meta_batch = put({k: v[:n_meta] for k, v in valid_arrays.items()})
+    rows = n_meta // jax.process_count()
+    lo = jax.process_index() * rows
+    meta_batch = put({k: v[lo:lo + rows] for k, v in valid_arrays.items()})
 
     # 7. Restore: the workdir's own latest checkpoint, else from scratch.
     mngr = init_checkpoint_manager(workdir, config)
@@ -262,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # 8. Evaluators.
     train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=data_dir)
     evaluator = eval_lib.Evaluator(
-        apply_fns, info, batch_size=config.eval.batch_size, put_fn=put, seed=config.seed,
+        apply_fns, info, batch_size=config.eval.batch_size,
+        put_fn=distributed.make_eval_put_fn(mesh, data_sharding), seed=config.seed,
         feature_std=eval_lib.feature_stds(train_arrays, info.modalities))
     del train_arrays
 
@@ -388,6 +392,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_libraries()
+    run_cli(distributed.initialize)  # before anything touches a JAX backend
     run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

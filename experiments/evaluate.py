@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import data_pipelines
-from experiments import eval_lib, io_lib, train
+from experiments import distributed, eval_lib, io_lib, train
 from experiments.config_lib import ConfigError
 
 # `--workdir` is defined once, by experiments.train (imported above); defining it again here
@@ -33,7 +33,7 @@ def evaluate(workdir: str) -> dict:
     info, data_dir, build_model, apply_fns = train.setup(config, workdir)
     params, meta, _ = train.restore_best(workdir, config, build_model=build_model,
                                          apply_fns=apply_fns, info=info, sharding=replicated)
-    put = train.make_put_fn(NamedSharding(mesh, P("data")))
+    put = distributed.make_eval_put_fn(mesh, NamedSharding(mesh, P("data")))
     train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=data_dir)
     evaluator = eval_lib.Evaluator(
         apply_fns, info, batch_size=config.eval.batch_size, put_fn=put, seed=config.seed,
@@ -52,6 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     train.quiet_libraries()
+    train.run_cli(distributed.initialize)  # before anything touches a JAX backend
     train.run_cli(lambda: evaluate(_WORKDIR.value))
 
 

@@ -230,6 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           step=step, meta_batch=meta_batch)
         updates, opt_state = tx.update(grads, train_state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        # A skipped update skips the method's state too: one NaN batch must not leave a NaN
+        # gain EMA or curvature EMA behind for the rest of the run (README "Reliability").
+        extra = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), extra,
+                             train_state["extra"])
         meas.update(
             grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
             lr=schedule(step), skipped=1 - opt_state.last_finite.astype(jnp.int32),

@@ -210,7 +210,8 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
 
     Args:
       z: ``[B, M, d]`` embeddings.
-      target: ``[M]`` float multi-hot (one-hot for one target; all zeros: no change).
+      target: ``[M]`` float multi-hot (one-hot for one target; all zeros: no change), or
+        ``[B, M]`` for targets per example (the collapse itself is always a batch statistic).
       strength, gamma: scalars forwarded to ``collapse_fn``.
       collapse_fn: ``(Z [B, d], strength, gamma) -> [B, d]``.
       null: optional ``[B, M, d]`` embeddings of the zero-filled input. When given, a collapsed
@@ -228,7 +229,7 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
     if null is not None:
         collapsed = collapsed + strength * (jnp.moveaxis(null, 1, 0)
                                             - jnp.mean(zm, axis=1, keepdims=True))
-    t = target.astype(z.dtype)[None, :, None]
+    t = jnp.broadcast_to(target.astype(z.dtype), z.shape[:2])[:, :, None]
     return z + t * (jnp.moveaxis(collapsed, 0, 1) - z)
 
 

@@ -45,8 +45,8 @@ def test_modalimmune_runs_end_to_end_with_every_component(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [r for r in map(json.loads, f) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for key in ("ig/text", "gain_ema/audio", "target", "strength", "cert/valid", "cert/bound",
-                "mask_fraction", "meta_skips", "regularizer", "effective_rank_target"):
+    for key in ("ig/text", "gain_ema/audio", "target_rate/text", "strength", "cert/valid",
+                "cert/bound", "mask_fraction", "meta_skips", "regularizer", "effective_rank_target"):
         assert key in records[-1], key
     assert all(np.isfinite(r["loss"]) for r in records)
     # The IG refresh at step 0 fills the controller; a meta-update ran at step 3 (certified or

@@ -128,6 +128,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Up to this many modalities collapsed in one step (k ~ Uniform{1..max_targets}, drawn from the
     # controller's softmax without replacement); 1 is DESIGN.md's single target.
     config.mi.max_targets = 2
+    # Draw the targets per example (True) or once per batch (DESIGN.md's single batch target).
+    config.mi.per_example = True
     # Spectral collapse of the target's embedding (§3.2); off: zero-fill the target instead.
     config.mi.collapse = True
     # Initial collapse strength in (0, 1) (a meta-parameter) and the energy exponent gamma.

@@ -72,7 +72,11 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         return jnp.mean(jax.vmap(one)(patterns))
 
     def objective(params, batch, phi, target, flag_absent):
-        """``((total, destructive), aux)`` for one batch (module docstring, item 3)."""
+        """``((total, destructive), aux)`` for one batch (module docstring, item 3).
+
+        ``target`` is ``[B, M]`` float multi-hot (the rows are equal unless ``mi.per_example``),
+        ``flag_absent`` ``[B]`` float: 1 where the targets are also marked absent in the mask.
+        """
         strength = jax.nn.sigmoid(phi["logit_strength"])
         z = apply_fns.encode(params, batch)  # [B, M, d]
         mask = batch["mask"]
@@ -87,23 +91,28 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         else:
             zero_batch = drop_modalities(batch, 1.0 - target, modalities=mods, set_mask=False)
             z_hit = apply_fns.encode(params, zero_batch)
-        mask_hit = mask * (1.0 - flag_absent * target)[None, :]
+        mask_hit = mask * (1.0 - flag_absent[:, None] * target)
         h_col, preds_col = apply_fns.head(params, z_hit, mask_hit)
         task_clean = jnp.mean(losses.task_loss(preds_clean, batch["label"], task=info.task,
                                                regression_loss=config.loss.regression))
-        task_col = jnp.mean(losses.task_loss(preds_col, batch["label"], task=info.task,
-                                             regression_loss=config.loss.regression))
+        # The collapsed task loss averages over the examples that lost something (the others
+        # would only repeat the clean term).
+        hit = jnp.max(target, axis=1)  # [B]
+        task_col = jnp.sum(hit * losses.task_loss(preds_col, batch["label"], task=info.task,
+                                                  regression_loss=config.loss.regression))
+        task_col = task_col / jnp.maximum(jnp.sum(hit), 1.0)
         reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
                if mi.regularizer else jnp.zeros([]))
         rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
                                                   losses.pooled_features(batch, mods)))
         lam_c, lam_r = jnp.exp(phi["log_reg_weight"]), jnp.exp(phi["log_rec_weight"])
-        hit = jnp.max(target)  # 0 on a clean step: the collapsed branch equals the clean one
-        destructive = hit * (mi.collapse_weight * task_col + lam_c * reg)
+        # 0 on an all-clean batch: the collapsed branch then equals the clean one.
+        destructive = jnp.max(hit) * (mi.collapse_weight * task_col + lam_c * reg)
         total = task_clean + destructive + lam_r * rec
+        most_hit = jnp.argmax(jnp.sum(target, axis=0))
         aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
                "rec_loss": rec, "strength": strength,
-               "effective_rank_target": spectral.effective_rank(z[:, jnp.argmax(target)])}
+               "effective_rank_target": spectral.effective_rank(z[:, most_hit])}
         return (total, destructive), aux
 
     def init(params):
@@ -129,10 +138,20 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             controller, last_ig = jax.lax.cond(step % mi.ig_every == 0, refresh,
                                                lambda c: (c, last_ig), controller)
         # Off: the same draw from a flat gain, i.e. uniform targets.
-        target = ctrl_lib.select_target(
-            controller if mi.controller else ctrl_lib.init_controller(num_m), k_target,
-            p_clean=mi.p_clean, tau=mi.tau, max_targets=max_targets)
-        flag_absent = jax.random.bernoulli(k_absent, mi.mask_prob).astype(jnp.float32)
+        policy = controller if mi.controller else ctrl_lib.init_controller(num_m)
+        draw = lambda k: ctrl_lib.select_target(policy, k, p_clean=mi.p_clean, tau=mi.tau,
+                                                max_targets=max_targets)
+        batch_size = batch["mask"].shape[0]
+        if mi.per_example:
+            # Each example gets its own targets from the same policy: the collapse operator is a
+            # batch statistic, but which rows it replaces varies, as ModDrop's patterns do.
+            target = jax.vmap(draw)(jax.random.split(k_target, batch_size))
+            flag_absent = jax.random.bernoulli(k_absent, mi.mask_prob, (batch_size,))
+        else:
+            target = jnp.broadcast_to(draw(k_target), (batch_size, num_m))
+            flag_absent = jnp.broadcast_to(jax.random.bernoulli(k_absent, mi.mask_prob),
+                                           (batch_size,))
+        flag_absent = flag_absent.astype(jnp.float32)
 
         # 2-3. Both gradients from one vjp.
         total, destructive, g_total, g_destr, aux = curvature.split_gradients_joint(
@@ -181,9 +200,9 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                      "mask_state": mask_state, "phi": phi, "meta_opt": meta_opt, "cert": cert,
                      "meta_skips": meta_skips}
         meas = {**aux, "loss": total, "destructive_loss": destructive,
-                # The first target by index (-1: a clean step) and how many were collapsed.
-                "target": jnp.where(jnp.sum(target) > 0, jnp.argmax(target), -1),
-                "num_targets": jnp.sum(target),
+                # How often each modality was collapsed in this batch, and how many per example.
+                **{f"target_rate/{m}": jnp.mean(target[:, i]) for i, m in enumerate(mods)},
+                "num_targets": jnp.mean(jnp.sum(target, axis=1)),
                 "mask_fraction": getattr(mask_state, "fraction_masked", jnp.zeros([])),
                 "meta_skips": meta_skips,
                 "reg_weight": jnp.exp(phi["log_reg_weight"]),

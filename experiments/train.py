@@ -22,6 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
@@ -154,22 +155,47 @@ def restore_best(workdir, config, *, build_model, apply_fns, info, sharding):
     return restored["state"]["best_params"], restored["meta"], step
 
 
+def _set_aside(mngr, steps):
+    """Moves unreadable checkpoints to ``checkpoints.unreadable/`` (kept for inspection).
+
+    The resumed run saves those steps again, and orbax refuses to overwrite an existing step.
+    """
+    folder = os.fspath(mngr.directory)
+    if jax.process_index() == 0:
+        os.makedirs(folder + ".unreadable", exist_ok=True)
+        for step in steps:
+            os.replace(os.path.join(folder, str(step)),
+                       os.path.join(folder + ".unreadable", f"{step}.{time.time_ns()}"))
+            logging.warning("moved the unreadable checkpoint %d to %s.unreadable/", step, folder)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("checkpoints set aside")
+    mngr.reload()
+
+
 def restore_latest(mngr, abstract_state, data_iter):
     """Restores the newest readable checkpoint; falls back past corrupt ones with a warning.
 
+    Unreadable newer checkpoints are set aside once an older one restores; with none readable
+    the workdir is left as it is and `CheckpointError` says so (never a silent fresh start).
     Returns ``(state, meta)`` or ``(None, None)`` when there is no checkpoint.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
+    unreadable = []
     for step in steps:
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain_ckpt.CheckpointRestore(data_iter),
                 meta=ocp.args.JsonRestore()))
-            return restored["state"], restored["meta"]
         except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint gets the same fallback
-            logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
-                            step, type(e).__name__, e)
+            # tensorstore's messages run to kilobytes of JSON spec: the first 300 characters.
+            logging.warning("checkpoint at step %d is unreadable (%s: %.300s); trying an older "
+                            "one", step, type(e).__name__, _one_line(e))
+            unreadable.append(step)
+            continue
+        if unreadable:
+            _set_aside(mngr, unreadable)
+        return restored["state"], restored["meta"]
     if steps:
         raise CheckpointError(f"no readable checkpoint among steps {steps} in {mngr.directory}; "
                            "move the workdir aside to start over")

@@ -5,9 +5,11 @@ several points, then compare the resumed run with an uninterrupted one bit for b
 of the final checkpoint, the bytes of eval.json, and every logged measurement but the wall time.
 """
 
+import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +169,51 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(digits_reference, 
     _assert_bit_identical(_state(workdir, 60), _state(digits_reference, 60))
     # Every loss, gradient norm and validation metric on the way, too (no step logged twice).
     assert _logged(workdir) == _logged(digits_reference)
+
+
+def _tear(workdir, step):
+    """A torn write of checkpoint `step`: every array data file cut to 100 bytes."""
+    files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"),
+                      recursive=True)
+    assert files
+    for f in files:
+        os.truncate(f, 100)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(digits_reference, compile_cache,
+                                                                  tmp_path):
+    workdir = str(tmp_path / "torn")
+    shutil.copytree(digits_reference, workdir)
+    os.remove(os.path.join(workdir, "eval.json"))
+    _tear(workdir, 60)
+    err = _finish(_launch(workdir, DIGITS_ARGS, compile_cache))
+    assert "checkpoint at step 60 is unreadable" in err and "resumed from step 40" in err
+    # Steps 41-60 were redone from checkpoint 40 and land exactly where they did the first time.
+    assert _read(os.path.join(workdir, "eval.json")) == _read(
+        os.path.join(digits_reference, "eval.json"))
+    _assert_bit_identical(_state(workdir, 60), _state(digits_reference, 60))
+    assert _logged(workdir) == _logged(digits_reference)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(digits_reference, tmp_path, capsys):
+    workdir = str(tmp_path / "all_torn")
+    shutil.copytree(digits_reference, workdir)
+    os.remove(os.path.join(workdir, "eval.json"))
+    for step in _checkpoints(workdir):
+        _tear(workdir, step)
+    metrics = _read(os.path.join(workdir, "metrics.jsonl"))
+    config = default.get_config("digits,tiny")
+    with config.unlocked():
+        config.num_steps, config.checkpoint_every, config.log_every, config.eval_every = (
+            60, 20, 2, 20)
+    with pytest.raises(SystemExit) as exit_info:
+        train.run_cli(lambda: train.train_and_evaluate(config, workdir))
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: no readable checkpoint among steps [60, 40]"), last
+    # Nothing was restarted or truncated: the log and the (torn) checkpoints are still there.
+    assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
+    assert _checkpoints(workdir) == [40, 60]
 
 
 @pytest.mark.slow

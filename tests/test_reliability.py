@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from data_pipelines import pipeline
-from experiments import eval_lib, train
+from experiments import eval_lib, io_lib, train
 from experiments.configs import default
 from modalimmune_jax.methods.modalimmune import make_modalimmune
 from modalimmune_jax.model import create_model, make_apply_fns
@@ -231,6 +231,22 @@ def test_modalimmune_sigkill_then_resume_is_bit_identical(tmp_path):
     assert _read(os.path.join(workdir, "eval.json")) == _read(os.path.join(reference, "eval.json"))
     _assert_bit_identical(_state(workdir, 20), _state(reference, 20))
     assert _logged(workdir) == _logged(reference)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """eval.json, config.json and metrics truncation go through io_lib: temp file, then rename."""
+    path = tmp_path / "eval.json"
+    io_lib.atomic_write_json(str(path), {"acc": 0.5})
+    old = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        io_lib.atomic_write_json(str(path), {"acc": 0.9})
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == ["eval.json"]  # no temp file left behind
 
 
 # ------------------------------------------------------------------------- determinism (item 4)

@@ -60,6 +60,7 @@ SUMMARY_KEYS = ("full", "missing", "missing_avg", "missing_mask", "missing_avg_m
 # The columns of the field's missing-modality tables (MMSA / MulT / classification papers).
 TABLE_METRICS = {"classification": ("acc",), "sentiment": ("Non0_acc_2", "MAE"),
                  "iemocap": ("avg_acc",), "regression": ("MAE",)}
+LOWER_IS_BETTER = ("MAE",)
 KIND_TITLES = {"gaussian": "Gaussian", "timestep_drop": "Timestep drop"}
 
 _SUITE = flags.DEFINE_enum("suite", None, SUITES, "Which dataset suite to run.")
@@ -72,6 +73,8 @@ _DATASET_PATH = flags.DEFINE_string("dataset_path", "", "config.dataset.path (np
 _METHODS = flags.DEFINE_list("methods", list(BASELINES), "Methods to compare.")
 # Named as the negations so that `--no_ablation` / `--no_unlearning` read as written.
 _NO_ABLATION = flags.DEFINE_bool("no_ablation", False, "Skip the ModalImmune ablation runs.")
+_ABLATION_SEEDS = flags.DEFINE_integer(
+    "ablation_seeds", 0, "Seeds per ablation run; 0 means --seeds, or 1 under --fast.")
 _NO_UNLEARNING = flags.DEFINE_bool("no_unlearning", False,
                                    "Skip the modality-unlearning comparison.")
 _CACHE = flags.DEFINE_bool("compilation_cache", True,
@@ -181,7 +184,8 @@ def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
     """
     out = {}
     for name, per_seed in evals.items():
-        if reference is not None and len(reference) != len(per_seed):
+        # A run may have fewer seeds than erm (the ablation under --fast): seeds 0..n-1 align.
+        if reference is not None and len(reference) < len(per_seed):
             raise ValueError(f"{name}: {len(per_seed)} seeds but {len(reference)} reference runs")
         rows = []
         for k, ev in enumerate(per_seed):
@@ -190,6 +194,32 @@ def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
                 ev, metric, reference=None if reference is None else reference[k])
             rows.append(row)
         out[name] = robustness.summarize_seeds(rows)
+    return out
+
+
+def compare_to_baselines(results: Mapping, *, metric: str, higher_is_better: bool,
+                         method: str = "modalimmune",
+                         baselines: Sequence[str] = ("erm", "moddrop", "consistency")) -> dict:
+    """The acceptance check of the suite: does `method` beat every baseline on ``missing_avg``?
+
+    ``margin`` is ``method - best baseline`` (sign flipped for lower-is-better metrics, so > 0 is
+    better); ``pooled_std = sqrt((std_method^2 + std_best^2) / 2)``; ``holds`` is
+    ``margin > pooled_std``. ``full_gap_to_erm`` is ``method - erm`` on the full-modality metric
+    (same sign convention).
+    """
+    present = [b for b in baselines if b in results]
+    if method not in results or not present:
+        return {}
+    sign = 1.0 if higher_is_better else -1.0
+    avg = lambda name: results[name]["missing_avg"][metric]
+    best = max(present, key=lambda b: sign * avg(b)["mean"])
+    margin = sign * (avg(method)["mean"] - avg(best)["mean"])
+    pooled = float(np.sqrt((avg(method)["std"] ** 2 + avg(best)["std"] ** 2) / 2))
+    out = {"metric": metric, "best_baseline": best, "margin": float(margin),
+           "pooled_std": pooled, "holds": bool(margin > pooled)}
+    if "erm" in results:
+        full = lambda name: results[name]["full"][metric]["mean"]
+        out["full_gap_to_erm"] = float(sign * (full(method) - full("erm")))
     return out
 
 
@@ -272,8 +302,22 @@ def unlearning_table(unlearning: Mapping[str, Mapping], *,
 
 def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequence[str],
                   family: str, num_seeds: int, title: str = "Results") -> str:
-    """table.md: the missing-modality table per main metric, the robustness table, unlearning."""
+    """table.md: the missing-modality table per main metric, the robustness table, unlearning.
+
+    Rows run on fewer seeds than ``num_seeds`` (``_meta.seeds_per_run``) are marked with their
+    count; ``_meta.comparison`` (`compare_to_baselines`) is stated under the first table.
+    """
     seeds = f"mean ± std over {num_seeds} seed{'s' if num_seeds != 1 else ''}"
+    per_run = results.get("_meta", {}).get("seeds_per_run", {})
+
+    def table(header_rows):
+        header, rows = header_rows
+        for row in rows:
+            n = per_run.get(row[0], num_seeds)
+            if n != num_seeds:
+                row[0] = f"{row[0]} ({n} seed{'s' if n != 1 else ''})"
+        return _markdown(header, rows) + "\n"
+
     curve = eval_lib.CURVE_METRIC[family]
     n_cond = len(robustness.missing_conditions(modalities))
     parts = [f"# {title}\n"]
@@ -287,8 +331,16 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
             f"named modalities; the others are zero-filled with the presence mask left at 1 "
             f"(`zero` protocol, DESIGN.md §5). Avg: the mean over the {n_cond} missing "
             f"conditions.\n")
-        parts.append(_markdown(*missing_table(results, names=names, modalities=modalities,
-                                              metric=metric)) + "\n")
+        parts.append(table(missing_table(results, names=names, modalities=modalities,
+                                         metric=metric)))
+        cmp = results.get("_meta", {}).get("comparison", {})
+        if number == 1 and cmp:
+            verdict = "more" if cmp["holds"] else "not more"
+            parts.append(
+                f"modalimmune's Avg against the best baseline ({cmp['best_baseline']}): margin "
+                f"{cmp['margin']:+.4f}, pooled std {cmp['pooled_std']:.4f}, so {verdict} than the "
+                f"pooled std. Full-modality gap to erm: {cmp.get('full_gap_to_erm', 0.0):+.4f} "
+                f"(positive is better).\n")
     number += 1
     unit = " (%)" if is_percent(curve) else ""
     parts.append(
@@ -299,7 +351,7 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
         f"averaged over the {len(modalities)} modalities). ER (effective robustness): the same "
         f"area for the gap to the erm curve of the same seed shifted to match at level 0, so erm "
         f"scores 0 and positive is more robust than erm.\n")
-    parts.append(_markdown(*robustness_table(results, names=names, metric=curve)) + "\n")
+    parts.append(table(robustness_table(results, names=names, metric=curve)))
     if results.get("unlearning"):
         metric = TABLE_METRICS[family][0]
         number += 1
@@ -407,7 +459,8 @@ def _make_plots(out: str, results: Mapping, runs: Sequence[Run], *, info, curve:
 
 def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny: bool = False,
               num_steps: int = 0, dataset_path: str = "", method_names: Sequence[str] = BASELINES,
-              ablation: bool = True, unlearning: bool = True) -> dict[str, Any]:
+              ablation: bool = True, unlearning: bool = True,
+              ablation_seeds: int = 0) -> dict[str, Any]:
     """Runs the suite into `out` (see the module docstring) and returns results.json's body."""
     # 1. Output folder, shared data and the base config.
     if seeds < 1:
@@ -424,7 +477,11 @@ def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny:
 
     # 2. Every run × seed; finished runs are read back, unfinished ones resume.
     evals: dict[str, list] = {r.name: [] for r in runs}
-    jobs = [(r, k) for r in runs for k in range(seeds)]
+    # The ablation rows are one seed under --fast unless asked otherwise: they explain the main
+    # comparison, and each costs a ModalImmune compile.
+    ablation_seeds = min(seeds, ablation_seeds or (1 if fast else seeds))
+    seeds_of = {r.name: ablation_seeds if r.disabled else seeds for r in runs}
+    jobs = [(r, k) for r in runs for k in range(seeds_of[r.name])]
     bar = tqdm(jobs, desc="runs", dynamic_ncols=True)
     for run, seed in bar:
         bar.set_postfix_str(f"{run.name} seed{seed}")
@@ -444,9 +501,14 @@ def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny:
         "steps": base.num_steps, "runs": [r.name for r in runs],
         "modalities": list(info.modalities), "metric_family": info.metric_family,
         "curve_metric": curve, "table_metrics": list(TABLE_METRICS[info.metric_family]),
+        "seeds_per_run": seeds_of,
         "wall_time_s": {r.name: float(sum(wall.get(f"{r.name}/seed{k}", 0.0)
-                                          for k in range(seeds))) for r in runs},
+                                          for k in range(seeds_of[r.name]))) for r in runs},
     }
+    table_metric = TABLE_METRICS[info.metric_family][0]
+    results["_meta"]["comparison"] = compare_to_baselines(
+        results, metric=table_metric,
+        higher_is_better=table_metric not in LOWER_IS_BETTER)
 
     def write_summaries():
         results["_meta"]["suite_wall_time_s"] = time.time() - t_suite
@@ -489,6 +551,7 @@ def main(argv):
         _SUITE.value, _OUT.value, seeds=_SEEDS.value, fast=_FAST.value, tiny=_TINY.value,
         num_steps=_NUM_STEPS.value, dataset_path=_DATASET_PATH.value,
         method_names=tuple(_METHODS.value), ablation=not _NO_ABLATION.value,
+        ablation_seeds=_ABLATION_SEEDS.value,
         unlearning=not _NO_UNLEARNING.value))
 
 

@@ -362,3 +362,27 @@ def test_suite_two_seeds_with_modalimmune(tmp_path):
     er1 = np.sum((gap1[1:] + gap1[:-1]) / 2 * np.diff(r)) / (r[-1] - r[0])
     _close(results["modalimmune"]["robustness"]["random_missing"]["effective"],
            (er0 + er1) / 2, abs(er0 - er1) / 2)
+
+
+def test_compare_to_baselines_by_hand():
+    def stat(mean, std):
+        return {"mean": mean, "std": std}
+
+    def run(avg, std, full):
+        return {"missing_avg": {"acc": stat(avg, std)}, "full": {"acc": stat(full, 0.0)}}
+
+    results = {"erm": run(0.60, 0.01, 0.90), "moddrop": run(0.72, 0.006, 0.91),
+               "consistency": run(0.65, 0.02, 0.90), "modalimmune": run(0.74, 0.008, 0.895)}
+    cmp = reproduce.compare_to_baselines(results, metric="acc", higher_is_better=True)
+    assert cmp["best_baseline"] == "moddrop"
+    np.testing.assert_allclose(cmp["margin"], 0.02)
+    np.testing.assert_allclose(cmp["pooled_std"], np.sqrt((0.008**2 + 0.006**2) / 2))
+    assert cmp["holds"]
+    np.testing.assert_allclose(cmp["full_gap_to_erm"], -0.005)
+    # MAE: lower is better, so the sign flips and a smaller margin than the std fails.
+    results = {"erm": run(0.80, 0.02, 0.10), "modalimmune": run(0.79, 0.03, 0.11)}
+    cmp = reproduce.compare_to_baselines(results, metric="acc", higher_is_better=False)
+    np.testing.assert_allclose([cmp["margin"], cmp["full_gap_to_erm"]], [0.01, -0.01])
+    assert not cmp["holds"]
+    assert reproduce.compare_to_baselines({"erm": results["erm"]}, metric="acc",
+                                          higher_is_better=True) == {}

@@ -141,10 +141,11 @@ def digits_reference(tmp_path_factory, compile_cache):
 def test_sigkill_at_three_points_then_resume_is_bit_identical(digits_reference, compile_cache,
                                                               tmp_path):
     workdir = str(tmp_path / "killed")
-    ckpt = lambda s: os.path.join(workdir, "checkpoints", str(s))  # noqa: E731
+    ckpt = lambda s: os.path.join(workdir, "checkpoints", str(s))
 
     # Kill 1: right after the first checkpoint (step 20) is committed.
-    _kill_when(_launch(workdir, DIGITS_ARGS, compile_cache), lambda: os.path.isdir(ckpt(20)), "checkpoint 20")
+    _kill_when(_launch(workdir, DIGITS_ARGS, compile_cache), lambda: os.path.isdir(ckpt(20)),
+               "checkpoint 20")
     assert _checkpoints(workdir)[0] == 20
 
     # Kill 2: mid-way between checkpoints 40 and 60, with steps past 40 done and lost.

@@ -1,6 +1,8 @@
 r"""Re-evaluates the best-on-valid params of a workdir's latest checkpoint and rewrites eval.json.
 
   python -m experiments.evaluate --workdir=/tmp/mi
+  # The same protocol on the valid split (for choosing hyperparameters without touching test):
+  python -m experiments.evaluate --workdir=/tmp/mi --split=valid   # writes eval_valid.json
 """
 
 import json
@@ -19,10 +21,12 @@ from experiments.config_lib import ConfigError
 # `--workdir` is defined once, by experiments.train (imported above); defining it again here
 # raised DuplicateFlagError.
 _WORKDIR = train._WORKDIR
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "valid"],
+                           "Split to evaluate; test rewrites eval.json, valid writes eval_valid.json.")
 
 
-def evaluate(workdir: str) -> dict:
-    """Restores the latest checkpoint in `workdir`, evaluates on test, writes eval.json."""
+def evaluate(workdir: str, split: str = "test") -> dict:
+    """Restores the latest checkpoint in `workdir`, evaluates `split`, writes eval[_valid].json."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise ConfigError(f"--workdir={workdir}: no config.json; is it a training workdir?")
@@ -39,12 +43,13 @@ def evaluate(workdir: str) -> dict:
         apply_fns, info, batch_size=config.eval.batch_size, put_fn=put, seed=config.seed,
         feature_std=eval_lib.feature_stds(train_arrays, info.modalities))
     del train_arrays
-    test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=data_dir)
-    results = eval_lib.final_evaluation(evaluator, params, test_arrays)
+    arrays = data_pipelines.load_split(config.dataset, split, data_dir=data_dir)
+    results = eval_lib.final_evaluation(evaluator, params, arrays)
     results["best_step"] = meta["best_step"]
     results["valid_best"] = meta["best_value"]
     if jax.process_index() == 0:
-        io_lib.atomic_write_json(os.path.join(workdir, "eval.json"), results)
+        name = "eval.json" if split == "test" else f"eval_{split}.json"
+        io_lib.atomic_write_json(os.path.join(workdir, name), results)
     return results
 
 
@@ -53,7 +58,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     train.quiet_libraries()
     train.run_cli(distributed.initialize)  # before anything touches a JAX backend
-    train.run_cli(lambda: evaluate(_WORKDIR.value))
+    train.run_cli(lambda: evaluate(_WORKDIR.value, _SPLIT.value))
 
 
 if __name__ == "__main__":

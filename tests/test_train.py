@@ -62,6 +62,12 @@ def test_kill_and_resume_continues_the_step(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     with open(os.path.join(workdir, "eval.json")) as f:
         assert json.load(f)["full"] == results["full"]
+    # On valid it reproduces the trainer's own best-on-valid score (same params, same split).
+    proc = _run(["experiments.evaluate", f"--workdir={workdir}", "--split=valid"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(workdir, "eval_valid.json")) as f:
+        assert json.load(f)["full"]["acc"] == pytest.approx(results["valid_best"], abs=1e-6)
 
 
 @pytest.mark.parametrize("flag,needle", [

@@ -49,10 +49,16 @@ from experiments.configs import default
 from modalimmune_jax import curvature, hypergrad, losses, methods, spectral
 from modalimmune_jax.model import collapse_target
 
-_OUT = flags.DEFINE_string("out", None, "Where to write the JSON.")
-_FAST = flags.DEFINE_bool("fast", False, "Fewer repeats and shorter windows (~2-3 min on CPU).")
-_REPEATS = flags.DEFINE_integer("repeats", 0, "Timed repeats per median; 0: 3 with --fast, else 7.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Built datasets; default: a temporary folder.")
+
+
+def define_flags():
+    """The binary's flags, defined at run time: `--out`/`--fast` are also reproduce's, and both
+    modules are imported by the same test process."""
+    flags.DEFINE_string("out", None, "Where to write the JSON.")
+    flags.DEFINE_bool("fast", False, "Fewer repeats and shorter windows (~2-3 min on CPU).")
+    flags.DEFINE_integer("repeats", 0, "Timed repeats per median; 0: 3 with --fast, else 7.")
+    flags.DEFINE_string("data_dir", "", "Built datasets; default: a temporary folder.")
+    flags.mark_flags_as_required(["out"])
 
 STEP_METHODS = ("erm", "moddrop", "consistency", "modalimmune")
 HYPERGRAD_TERMS = (5, 20, 80)
@@ -391,21 +397,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     train.quiet_libraries()
     config = train._CONFIG.value or default.get_config("digits")
-    fast = _FAST.value
-    repeats = _REPEATS.value or (3 if fast else 7)
+    fast = flags.FLAGS.fast
+    repeats = flags.FLAGS.repeats or (3 if fast else 7)
 
     def run():
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_benchmark(config, data_dir=_DATA_DIR.value or tmp, repeats=repeats,
+            result = run_benchmark(config, data_dir=flags.FLAGS.data_dir or tmp, repeats=repeats,
                                    calls=5 if fast else 20,
                                    pipeline_batches=200 if fast else 1000)
         result["fast"] = fast
-        io_lib.atomic_write_json(_OUT.value, result)
+        io_lib.atomic_write_json(flags.FLAGS.out, result)
         print(io_lib.json_line(result), end="")
 
     train.run_cli(run)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["out"])
+    define_flags()
     app.run(main)

@@ -3,10 +3,12 @@
 One call of ``grads`` does, inside one jitted step:
 
 1. **Controller** (§3.1): every ``ig_every`` steps (``lax.cond``) the signed leave-one-out gain
-   ``IG`` refreshes the EMA ``G``; the step's target is a clean step with probability ``p_clean``,
-   else ``m* ~ softmax(G / tau)``. Off: the target is uniform over modalities.
-2. **Collapse** (§3.2): the target's embedding goes through ``spectral_collapse`` with the meta
-   strength. Our change, in DESIGN.md's spirit (README "Formulation changes"): the collapsed
+   ``IG`` refreshes the EMA ``G``. Each example (``mi.per_example``; else the whole batch) is clean
+   with probability ``p_clean``, else loses ``k ~ Uniform{1..max_targets}`` targets drawn without
+   replacement from ``softmax(G / tau)`` (README "Formulation changes"). Off: a flat ``G``, i.e.
+   uniform targets.
+2. **Collapse** (§3.2): each target's embedding goes through ``spectral_collapse`` (a batch
+   statistic) with the meta strength, and replaces the embedding of the examples that drew it. Our change, in DESIGN.md's spirit (README "Formulation changes"): the collapsed
    embedding's centre also moves from the batch mean towards the *null embedding* (the encoder's
    output for a zero-filled input) by the same strength, so a full collapse lands exactly where a
    missing modality lands at test time; and with probability ``mask_prob`` the target is also

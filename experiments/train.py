@@ -247,7 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A copy: train_state is donated to the step, which would delete buffers shared with it.
     best_params = jax.tree.map(jnp.copy, train_state["params"])
 
-    # 6. The update step.
+    # 6. The update step. One jit over global arrays (batch sharded on `data`, params replicated):
+    # every batch statistic inside it (the controller's IG, the collapse and regularizer spectra,
+    # the HVPs of Hutchinson, Lanczos and Neumann) is computed on the GLOBAL batch, with GSPMD
+    # inserting the cross-device reductions (tests/test_distributed.py: 8 devices == 1 device).
     def train_step(train_state, batch, meta_batch):
         step = train_state["step"]
         rng_step = jax.random.fold_in(rng_loop, step)

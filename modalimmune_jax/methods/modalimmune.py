@@ -8,7 +8,8 @@ One call of ``grads`` does, inside one jitted step:
    replacement from ``softmax(G / tau)`` (README "Formulation changes"). Off: a flat ``G``, i.e.
    uniform targets.
 2. **Collapse** (§3.2): each target's embedding goes through ``spectral_collapse`` (a batch
-   statistic) with the meta strength, and replaces the embedding of the examples that drew it. Our change, in DESIGN.md's spirit (README "Formulation changes"): the collapsed
+   statistic) with the meta strength, and replaces the embedding of the examples that drew it.
+   Our change, in DESIGN.md's spirit (README "Formulation changes"): the collapsed
    embedding's centre also moves from the batch mean towards the *null embedding* (the encoder's
    output for a zero-filled input) by the same strength, so a full collapse lands exactly where a
    missing modality lands at test time; and with probability ``mask_prob`` the target is also

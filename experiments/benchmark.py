@@ -27,6 +27,7 @@ The step is the trainer's (`train.make_optimizer`, the method's ``grads``, the s
 donation), run on pre-placed batches, so step times exclude the input pipeline, measured apart.
 """
 
+import functools
 import math
 import os
 import resource
@@ -84,21 +85,8 @@ def _median_call(fn, *args, repeats):
     return _median(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
-def make_train_step(method, tx, rng_loop):
-    """The trainer's update (`train.train_and_evaluate`, section 6), without its logging extras."""
-
-    def train_step(train_state, batch, meta_batch):
-        step = train_state["step"]
-        params = train_state["params"]
-        grads, extra, meas = method.grads(params, train_state["extra"], batch,
-                                          jax.random.fold_in(rng_loop, step), step=step,
-                                          meta_batch=meta_batch)
-        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
-        meas.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
-        return {"step": step + 1, "params": optax.apply_updates(params, updates),
-                "opt_state": opt_state, "extra": extra}, meas
-
-    return train_step
+def _call_step(step, train_state, batch, meta_batch, *, rng_loop):
+    return step(train_state, batch, meta_batch, rng_loop)
 
 
 class _Bench:
@@ -137,10 +125,11 @@ class _Bench:
         init_fn = train.make_init_fn(self.build_model, tx, method)
         state = jax.jit(init_fn, out_shardings=self.replicated)(jax.random.key(config.seed))
         data = NamedSharding(self.mesh, P("data"))
-        step = jax.jit(make_train_step(method, tx, jax.random.key(1)), donate_argnums=(0,),
-                       in_shardings=(self.replicated, data, data),
+        step = jax.jit(train.make_train_step(method, tx), donate_argnums=(0,),
+                       in_shardings=(self.replicated, data, data, None),
                        out_shardings=(self.replicated, self.replicated))
-        return step, state
+        rng_loop = jax.random.key(1)
+        return functools.partial(_call_step, step, rng_loop=rng_loop), state
 
     def at_step(self, state, step):
         return {**state, "step": jax.device_put(jnp.int32(step), self.replicated)}

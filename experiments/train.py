@@ -69,6 +69,43 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
 
 
+def make_train_step(method, tx, schedule=None):
+    """``train_step(train_state, batch, meta_batch, rng_loop) -> (train_state, measurements)``.
+
+    Pure, for one ``jax.jit`` over global arrays (batch sharded on `data`, params replicated):
+    every batch statistic inside it (the controller's IG, the collapse and regularizer spectra,
+    the HVPs of Hutchinson, Lanczos and Neumann) is computed on the GLOBAL batch, with GSPMD
+    inserting the cross-device reductions (tests/test_distributed.py: 8 devices == 1 device).
+    ``rng_loop`` is an argument, not a closure constant, so that every seed shares one compiled
+    program (and one persistent-cache entry). ``schedule`` (step -> lr) only adds ``lr`` to the
+    measurements.
+    """
+
+    def train_step(train_state, batch, meta_batch, rng_loop):
+        step = train_state["step"]
+        rng_step = jax.random.fold_in(rng_loop, step)
+        params = train_state["params"]
+        grads, extra, meas = method.grads(params, train_state["extra"], batch, rng_step,
+                                          step=step, meta_batch=meta_batch)
+        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A skipped update skips the method's state too: one NaN batch must not leave a NaN
+        # gain EMA or curvature EMA behind for the rest of the run (README "Reliability").
+        extra = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), extra,
+                             train_state["extra"])
+        meas.update(
+            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            skipped=1 - opt_state.last_finite.astype(jnp.int32),
+            consecutive_skips=opt_state.notfinite_count,
+            total_skips=opt_state.total_notfinite)
+        if schedule is not None:
+            meas["lr"] = schedule(step)
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state,
+                "extra": extra}, meas
+
+    return train_step
+
+
 def make_mesh():
     """A 1-D data-parallel mesh over every device of every process."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
@@ -202,8 +239,12 @@ def restore_latest(mngr, abstract_state, data_iter):
     return None, None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs training to ``config.num_steps`` (resuming if possible) and returns eval.json's body."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True) -> dict:
+    """Runs training to ``config.num_steps`` (resuming if possible) and returns eval.json's body.
+
+    ``progress=False`` hides the step progress bar (`reproduce` with several workers).
+    """
     # 1. Workdir and logging.
     is_main = jax.process_index() == 0
     # Everything checkable is checked before the workdir is touched (README "Reliability").
@@ -247,32 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A copy: train_state is donated to the step, which would delete buffers shared with it.
     best_params = jax.tree.map(jnp.copy, train_state["params"])
 
-    # 6. The update step. One jit over global arrays (batch sharded on `data`, params replicated):
-    # every batch statistic inside it (the controller's IG, the collapse and regularizer spectra,
-    # the HVPs of Hutchinson, Lanczos and Neumann) is computed on the GLOBAL batch, with GSPMD
-    # inserting the cross-device reductions (tests/test_distributed.py: 8 devices == 1 device).
-    def train_step(train_state, batch, meta_batch):
-        step = train_state["step"]
-        rng_step = jax.random.fold_in(rng_loop, step)
-        params = train_state["params"]
-        grads, extra, meas = method.grads(params, train_state["extra"], batch, rng_step,
-                                          step=step, meta_batch=meta_batch)
-        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        # A skipped update skips the method's state too: one NaN batch must not leave a NaN
-        # gain EMA or curvature EMA behind for the rest of the run (README "Reliability").
-        extra = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), extra,
-                             train_state["extra"])
-        meas.update(
-            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-            lr=schedule(step), skipped=1 - opt_state.last_finite.astype(jnp.int32),
-            consecutive_skips=opt_state.notfinite_count,
-            total_skips=opt_state.total_notfinite)
-        return {"step": step + 1, "params": new_params, "opt_state": opt_state,
-                "extra": extra}, meas
-
-    train_step = jax.jit(train_step, donate_argnums=(0,),
-                         in_shardings=(replicated, data_sharding, data_sharding),
+    # 6. The update step, jitted over global arrays (batch sharded on `data`, params replicated).
+    train_step = jax.jit(make_train_step(method, tx, schedule), donate_argnums=(0,),
+                         # rng_loop: a host-local key (the same on every process), replicated.
+                         in_shardings=(replicated, data_sharding, data_sharding, None),
                          out_shardings=(replicated, replicated))
     # A fixed held-out batch from valid: the robust validation loss of the hypergradient (§3.4).
     # Its first n_meta rows, each process putting its own slice (not the same first rows twice).
@@ -314,10 +333,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     try:
         for step in tqdm(range(start_step, config.num_steps), initial=start_step,
-                         total=config.num_steps, disable=not is_main, desc="train",
+                         total=config.num_steps, disable=not (is_main and progress), desc="train",
                          dynamic_ncols=True):
             batch = put(next(train_iter))
-            train_state, meas = train_step(train_state, batch, meta_batch)
+            train_state, meas = train_step(train_state, batch, meta_batch, rng_loop)
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
                 record = {k: float(v) for k, v in jax.device_get(meas).items()}

@@ -23,7 +23,9 @@ A rerun with the same --out skips every finished run (its eval.json exists), res
 ones from their checkpoints, and rewrites the summaries.
 """
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -77,6 +79,9 @@ _ABLATION_SEEDS = flags.DEFINE_integer(
     "ablation_seeds", 0, "Seeds per ablation run; 0 means --seeds, or 1 under --fast.")
 _NO_UNLEARNING = flags.DEFINE_bool("no_unlearning", False,
                                    "Skip the modality-unlearning comparison.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 0, "Runs at once, each in a process of its own; 0: one per CPU core (at most 4) "
+    "when JAX's backend is the CPU, else 1 (each process would claim the accelerator's memory).")
 _CACHE = flags.DEFINE_bool("compilation_cache", True,
                            "Persist XLA compilations in OUT/.jax_cache: every run shares the model "
                            "and evaluation, so later runs skip most compile time.")
@@ -408,24 +413,22 @@ def _load_json(path):
         return json.load(f)
 
 
-def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None) -> dict | None:
-    try:
-        from experiments.unlearn import unlearn  # noqa: PLC0415 -- optional, written separately
-    except ImportError as e:
-        logging.warning("skipping the unlearning comparison: experiments.unlearn.unlearn is not "
-                        "available (%s)", e)
-        return None
-    results = {}
-    for name in tqdm(UNLEARNING_METHODS, desc="unlearn", dynamic_ncols=True):
+def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None, *,
+                    workers: int = 1, cache_dir: str | None = None) -> dict:
+    results, todo = {}, []
+    for name in UNLEARNING_METHODS:
         method_out = os.path.join(out, "unlearn", name)
         done = os.path.join(method_out, "unlearn.json")
         if os.path.exists(done):
             results[name] = _load_json(done)
-            continue
-        kwargs = {} if steps is None else {"steps": steps}
-        results[name] = unlearn(workdir=erm_workdir, forget=forget, method=name, out=method_out,
-                                **kwargs)
-    return results
+        else:
+            todo.append(name)
+    for i, result in _run_all(_unlearn_job,
+                              [(erm_workdir, forget, name, os.path.join(out, "unlearn", name),
+                                steps) for name in todo],
+                              workers=workers, desc="unlearn", labels=todo, cache_dir=cache_dir):
+        results[todo[i]] = result
+    return {name: results[name] for name in UNLEARNING_METHODS}
 
 
 def _make_plots(out: str, results: Mapping, runs: Sequence[Run], *, info, curve: str) -> list:
@@ -457,10 +460,85 @@ def _make_plots(out: str, results: Mapping, runs: Sequence[Run], *, info, curve:
     return paths
 
 
+def default_workers() -> int:
+    """``--workers=0``: one process per core (at most 4) on the CPU backend, else 1."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _init_worker(cache_dir: str | None) -> None:
+    # A spawned process starts from a fresh JAX: it gets the parent's persistent cache settings.
+    train.quiet_libraries()
+    if cache_dir:
+        enable_compilation_cache(cache_dir)
+
+
+def _train_job(config_dict: dict, workdir: str, progress: bool) -> float:
+    t0 = time.time()
+    train.train_and_evaluate(ml_collections.ConfigDict(config_dict), workdir, progress=progress)
+    return time.time() - t0
+
+
+def _unlearn_job(workdir: str, forget: str, method: str, out: str, steps: int | None,
+                 progress: bool) -> dict:
+    from experiments.unlearn import unlearn  # noqa: PLC0415 -- imports train's flags lazily
+
+    kwargs = {} if steps is None else {"steps": steps}
+    return unlearn(workdir=workdir, forget=forget, method=method, out=out, progress=progress,
+                   **kwargs)
+
+
+def _run_all(fn, jobs: Sequence[tuple], *, workers: int, desc: str, labels: Sequence[str],
+             cache_dir: str | None):
+    """Yields ``(index, fn(*jobs[index]))`` as each job finishes, under one tqdm bar.
+
+    ``workers == 1`` runs the jobs here, in order, with their own progress bars. More run in
+    spawned processes (a forked JAX runtime is unsafe), which a single bar summarizes; each
+    worker keeps its JAX alive between jobs, so later runs of a compiled program reuse it in
+    memory as well as through the persistent cache. The first failure cancels what has not
+    started and is raised here.
+    """
+    bar = tqdm(total=len(jobs), desc=desc, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                bar.set_postfix_str(labels[i], refresh=False)
+                yield i, fn(*job, True)
+                bar.update()
+            return
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(cache_dir,)) as pool:
+            futures = {pool.submit(fn, *job, False): i for i, job in enumerate(jobs)}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    result = future.result()
+                    bar.set_postfix_str(f"done: {labels[i]}", refresh=False)
+                    bar.update()
+                    yield i, result
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Persists XLA compilations in `cache_dir`, every one of them (see `main`)."""
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # The evaluation compiles dozens of small programs; on a busy CPU each costs about 1 s,
+    # under the default 1 s threshold, so cache them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny: bool = False,
               num_steps: int = 0, dataset_path: str = "", method_names: Sequence[str] = BASELINES,
               ablation: bool = True, unlearning: bool = True,
-              ablation_seeds: int = 0) -> dict[str, Any]:
+              ablation_seeds: int = 0, workers: int = 1) -> dict[str, Any]:
     """Runs the suite into `out` (see the module docstring) and returns results.json's body."""
     # 1. Output folder, shared data and the base config.
     if seeds < 1:
@@ -475,24 +553,29 @@ def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny:
     wall = _load_json(wall_path) if os.path.exists(wall_path) else {}
     t_suite = time.time()
 
-    # 2. Every run × seed; finished runs are read back, unfinished ones resume.
+    # 2. Every run × seed; finished runs are read back, unfinished ones resume. Seed 0 of every
+    # run goes first, so that with several workers the later seeds find each program compiled,
+    # and within each group the ModalImmune runs (the longest) go first.
     evals: dict[str, list] = {r.name: [] for r in runs}
     # The ablation rows are one seed under --fast unless asked otherwise: they explain the main
     # comparison, and each costs a ModalImmune compile.
     ablation_seeds = min(seeds, ablation_seeds or (1 if fast else seeds))
     seeds_of = {r.name: ablation_seeds if r.disabled else seeds for r in runs}
-    jobs = [(r, k) for r in runs for k in range(seeds_of[r.name])]
-    bar = tqdm(jobs, desc="runs", dynamic_ncols=True)
-    for run, seed in bar:
-        bar.set_postfix_str(f"{run.name} seed{seed}")
-        workdir = os.path.join(out, "runs", run.name, f"seed{seed}")
-        eval_path = os.path.join(workdir, "eval.json")
-        if not os.path.exists(eval_path):
-            t0 = time.time()
-            train.train_and_evaluate(run_config(base, run, seed), workdir)
-            wall[f"{run.name}/seed{seed}"] = time.time() - t0
-            io_lib.atomic_write_json(wall_path, wall)
-        evals[run.name].append(_load_json(eval_path))
+    workdir_of = lambda run, seed: os.path.join(out, "runs", run.name, f"seed{seed}")
+    todo = sorted(((r, k) for r in runs for k in range(seeds_of[r.name])
+                   if not os.path.exists(os.path.join(workdir_of(r, k), "eval.json"))),
+                  key=lambda job: (job[1] > 0, job[0].method != "modalimmune"))
+    cache_dir = jax.config.jax_compilation_cache_dir or None
+    for i, seconds in _run_all(
+            _train_job, [(run_config(base, r, k).to_dict(), workdir_of(r, k)) for r, k in todo],
+            workers=workers, desc="runs", labels=[f"{r.name} seed{k}" for r, k in todo],
+            cache_dir=cache_dir):
+        run, seed = todo[i]
+        wall[f"{run.name}/seed{seed}"] = seconds
+        io_lib.atomic_write_json(wall_path, wall)
+    for run in runs:
+        for seed in range(seeds_of[run.name]):
+            evals[run.name].append(_load_json(os.path.join(workdir_of(run, seed), "eval.json")))
 
     # 3. Summaries over seeds, with effective robustness against erm of the same seed.
     results = aggregate(evals, metric=curve, reference=evals.get("erm"))
@@ -528,7 +611,8 @@ def reproduce(suite: str, out: str, *, seeds: int = 3, fast: bool = False, tiny:
         if "erm" in evals:
             steps = max(base.num_steps // 2, 1) if (fast or tiny or num_steps) else None
             unl = _run_unlearning(out, os.path.join(out, "runs", "erm", "seed0"),
-                                  info.modalities[0], steps)
+                                  info.modalities[0], steps, workers=workers,
+                                  cache_dir=cache_dir)
             if unl is not None:
                 results["unlearning"] = unl
                 write_summaries()
@@ -542,17 +626,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     train.quiet_libraries()
     if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.join(os.path.abspath(_OUT.value), ".jax_cache"))
-        # The evaluation compiles dozens of small programs; on a busy CPU each costs about 1 s,
-        # under the default 1 s threshold, so cache them all.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        # Every run shares the model and the evaluation: later runs skip most compile time.
+        enable_compilation_cache(os.path.join(os.path.abspath(_OUT.value), ".jax_cache"))
     train.run_cli(lambda: reproduce(
         _SUITE.value, _OUT.value, seeds=_SEEDS.value, fast=_FAST.value, tiny=_TINY.value,
         num_steps=_NUM_STEPS.value, dataset_path=_DATASET_PATH.value,
         method_names=tuple(_METHODS.value), ablation=not _NO_ABLATION.value,
         ablation_seeds=_ABLATION_SEEDS.value,
-        unlearning=not _NO_UNLEARNING.value))
+        unlearning=not _NO_UNLEARNING.value, workers=_WORKERS.value or default_workers()))
 
 
 if __name__ == "__main__":

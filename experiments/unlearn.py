@@ -104,6 +104,7 @@ class _Run:
     replicated: Any
     train_arrays: dict
     test_arrays: dict
+    progress: bool = True
 
 
 # --------------------------------------------------------------------------------- loading
@@ -244,7 +245,7 @@ def _run_retrain(run: _Run, original):
     rconfig.dataset.data_dir = os.path.abspath(run.data_dir)  # reuse the built dataset
     retrain_dir = os.path.join(run.out, "retrain_run")
     with _forget_gated_trainer(run.index):
-        train.train_and_evaluate(rconfig, retrain_dir)
+        train.train_and_evaluate(rconfig, retrain_dir, progress=run.progress)
     params, _ = restore_best_params(retrain_dir, rconfig, run.build_model, run.apply_fns,
                                     run.info, run.replicated)
     records = [r for r in io_lib.read_jsonl(os.path.join(retrain_dir, "metrics.jsonl"))
@@ -434,7 +435,7 @@ def _measure(run: _Run, params, *, gated: bool) -> dict:
 
 
 def unlearn(workdir: str, forget: str, method: str, out: str, *, steps: int | None = None,
-            hparams=None) -> dict:
+            hparams=None, progress: bool = True) -> dict:
     """Unlearns modality `forget` from `workdir`'s best params with `method`; writes unlearn.json.
 
     Args:
@@ -445,6 +446,7 @@ def unlearn(workdir: str, forget: str, method: str, out: str, *, steps: int | No
         ``retrain_run/`` go there.
       steps: unlearning steps; None: ``hparams.steps`` (retrain: the trained ``num_steps``).
       hparams: overrides of `unlearning.default_hparams()`, a nested dict or ConfigDict.
+      progress: show `retrain`'s training progress bar.
 
     Returns:
       The unlearn.json body (module docstring).
@@ -474,7 +476,8 @@ def unlearn(workdir: str, forget: str, method: str, out: str, *, steps: int | No
         build_model=build_model, apply_fns=apply_fns, graphdef=graphdef,
         index=info.modalities.index(forget), steps=steps, put=put, replicated=replicated,
         train_arrays=data_pipelines.load_split(config.dataset, "train", data_dir=data_dir),
-        test_arrays=data_pipelines.load_split(config.dataset, "test", data_dir=data_dir))
+        test_arrays=data_pipelines.load_split(config.dataset, "test", data_dir=data_dir),
+        progress=progress)
     original, step = restore_best_params(workdir, config, build_model, apply_fns, info,
                                          replicated)
 

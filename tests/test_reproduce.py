@@ -236,7 +236,7 @@ class _FakeUnlearn:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, *, workdir, forget, method, out, steps=None):
+    def __call__(self, *, workdir, forget, method, out, steps=None, progress=True):
         self.calls.append((workdir, forget, method, steps))
         result = {"method": method, "forget": forget, "wall_time_s": 1.5,
                   "forget_quality": {"probe_acc": 0.25, "chance": 0.25, "alone_acc": 0.3},
@@ -305,7 +305,7 @@ def test_suite_writes_results_table_and_plots(tiny_suite):
 def test_suite_rerun_resumes_without_training(tiny_suite, monkeypatch):
     out, results, _ = tiny_suite
 
-    def no_training(config, workdir):
+    def no_training(config, workdir, progress=True):
         raise AssertionError(f"finished run retrained: {workdir}")
 
     def no_unlearning(**kwargs):
@@ -318,6 +318,21 @@ def test_suite_rerun_resumes_without_training(tiny_suite, monkeypatch):
                                 method_names=("erm",), ablation=False, unlearning=True)
     assert again["erm"] == results["erm"]
     assert again["unlearning"] == results["unlearning"]
+
+
+def test_workers_give_the_sequential_results(tiny_suite, tmp_path):
+    """Two spawned worker processes train what one process trains, to the bit."""
+    out, _, _ = tiny_suite
+    par = str(tmp_path / "par")
+    results = reproduce.reproduce("synthetic", par, seeds=1, tiny=True, num_steps=10,
+                                  method_names=("erm", "moddrop"), ablation=False,
+                                  unlearning=False, workers=2)
+    path = os.path.join("runs", "erm", "seed0", "eval.json")
+    with open(os.path.join(out, path)) as f, open(os.path.join(par, path)) as g:
+        assert json.load(f) == json.load(g)
+    assert set(results) == {"erm", "moddrop", "_meta"}
+    with open(os.path.join(par, "wall_times.json")) as f:
+        assert set(json.load(f)) == {"erm/seed0", "moddrop/seed0"}
 
 
 def test_cli_bad_method_is_a_one_line_error(tmp_path):

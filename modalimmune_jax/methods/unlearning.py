@@ -351,8 +351,10 @@ def prototype_loss(z: jax.typing.ArrayLike, classes: jax.typing.ArrayLike, *,
     the mean over features of the correlation ratio ``eta_j^2`` (between-class over total
     variance, in [0, 1]). :func:`inverse_contrastive_loss` acts through cosine similarities, which
     the high-variance directions dominate; a linear probe on standardized features reads the
-    low-variance ones as well. ``L_proto = 0`` means no feature's class means differ, i.e. nothing
-    left for a probe's class-mean direction.
+    low-variance ones as well. ``L_proto = 0`` means no feature's class means differ. That is not
+    enough for a multi-class probe: its argmax over linear scores still reads a class that sits on
+    both sides of the common mean along a direction of its own. Measured on digits (CCU at batch
+    512, lr 1e-2, 300 steps, forgetting `left`): eta^2 0.005 on the whole train split, probe 0.65.
 
     Args:
       z: ``[B, d]`` float embeddings of the forgotten modality.

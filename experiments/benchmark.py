@@ -27,9 +27,7 @@ The step is the trainer's (`train.make_optimizer`, the method's ``grads``, the s
 donation), run on pre-placed batches, so step times exclude the input pipeline, measured apart.
 """
 
-import functools
 import math
-import os
 import resource
 import statistics
 import tempfile
@@ -37,8 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -85,10 +81,6 @@ def _median_call(fn, *args, repeats):
     return _median(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
-def _call_step(step, train_state, batch, meta_batch, *, rng_loop):
-    return step(train_state, batch, meta_batch, rng_loop)
-
-
 class _Bench:
     """The data, model and shardings shared by every measurement."""
 
@@ -129,7 +121,7 @@ class _Bench:
                        in_shardings=(self.replicated, data, data, None),
                        out_shardings=(self.replicated, self.replicated))
         rng_loop = jax.random.key(1)
-        return functools.partial(_call_step, step, rng_loop=rng_loop), state
+        return lambda state, batch, meta_batch: step(state, batch, meta_batch, rng_loop), state
 
     def at_step(self, state, step):
         return {**state, "step": jax.device_put(jnp.int32(step), self.replicated)}

@@ -341,11 +341,13 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
         cmp = results.get("_meta", {}).get("comparison", {})
         if number == 1 and cmp:
             verdict = "more" if cmp["holds"] else "not more"
+            # Without an erm run there is no gap to state (0.0 would read as a measurement).
+            gap = ("" if "full_gap_to_erm" not in cmp else
+                   f" Full-modality gap to erm: {cmp['full_gap_to_erm']:+.4f} (positive is better).")
             parts.append(
                 f"modalimmune's Avg against the best baseline ({cmp['best_baseline']}): margin "
                 f"{cmp['margin']:+.4f}, pooled std {cmp['pooled_std']:.4f}, so {verdict} than the "
-                f"pooled std. Full-modality gap to erm: {cmp.get('full_gap_to_erm', 0.0):+.4f} "
-                f"(positive is better).\n")
+                f"pooled std.{gap}\n")
     number += 1
     unit = " (%)" if is_percent(curve) else ""
     parts.append(

@@ -98,9 +98,7 @@ class _Bench:
         # A few distinct batches, placed once: step times exclude the input pipeline.
         self.batches = [self.put(next(it)) for _ in range(4)]
         valid = data_pipelines.load_split(config.dataset, "valid", data_dir=data_dir)
-        n_meta = min(config.batch_size, len(valid["label"]))
-        n_meta -= n_meta % jax.device_count()
-        self.meta_batch = self.put({k: v[:n_meta] for k, v in valid.items()})
+        self.meta_batch = train.make_meta_batch(valid, config.batch_size, self.put)
         self.params = nnx.state(self.build_model(jax.random.key(config.seed)), nnx.Param)
 
     def method_config(self, method):

@@ -106,6 +106,19 @@ def make_train_step(method, tx, schedule=None):
     return train_step
 
 
+def make_meta_batch(valid_arrays, batch_size, put):
+    """The fixed held-out batch of the hypergradient's robust validation loss (DESIGN.md §3.4).
+
+    The first ``n_meta = min(batch_size, len(valid))`` rows of valid, rounded down to the device
+    count, as global arrays; each process puts its own slice (not the same first rows twice).
+    """
+    n_meta = min(batch_size, len(valid_arrays["label"]))
+    n_meta -= n_meta % jax.device_count()
+    rows = n_meta // jax.process_count()
+    lo = jax.process_index() * rows
+    return put({k: v[lo:lo + rows] for k, v in valid_arrays.items()})
+
+
 def make_mesh():
     """A 1-D data-parallel mesh over every device of every process."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
@@ -293,13 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          # rng_loop: a host-local key (the same on every process), replicated.
                          in_shardings=(replicated, data_sharding, data_sharding, None),
                          out_shardings=(replicated, replicated))
-    # A fixed held-out batch from valid: the robust validation loss of the hypergradient (§3.4).
-    # Its first n_meta rows, each process putting its own slice (not the same first rows twice).
-    n_meta = min(config.batch_size, len(valid_arrays["label"]))
-    n_meta -= n_meta % jax.device_count()
-    rows = n_meta // jax.process_count()
-    lo = jax.process_index() * rows
-    meta_batch = put({k: v[lo:lo + rows] for k, v in valid_arrays.items()})
+    meta_batch = make_meta_batch(valid_arrays, config.batch_size, put)
 
     # 7. Restore: the workdir's own latest checkpoint, else from scratch.
     mngr = init_checkpoint_manager(workdir, config)

@@ -1,8 +1,9 @@
 """Removing modalities from a batch: the one primitive every protocol and intervention shares.
 
 DESIGN.md §2: removing a modality zero-fills its features. Under the `zero` protocol the presence
-mask stays 1 (the model is not told); under `mask` it is set to 0 (the model is told). Training-time
-interventions (moddrop, the information-gain leave-one-out) zero-fill and set the mask to 0.
+mask stays 1 (the model is not told); under `mask` it is set to 0 (the model is told). Every
+training-time removal goes through `remove_for_training`: zero-fill, and with one shared
+probability (``config.removal.mask_prob``) also flag the modality absent.
 """
 
 from collections.abc import Mapping, Sequence
@@ -43,4 +44,41 @@ def drop_modalities(
         out[name] = jnp.where(k > 0, x, jnp.zeros((), x.dtype))
     if set_mask:
         out["mask"] = batch["mask"] * keep.astype(batch["mask"].dtype)
+    return out
+
+
+def remove_for_training(
+    batch: Batch,
+    keep: jax.typing.ArrayLike,
+    *,
+    key: jax.Array,
+    mask_prob: jax.typing.ArrayLike,
+    modalities: Sequence[str],
+) -> dict[str, jax.Array]:
+    """The one training-time removal rule every method shares (DESIGN.md §2).
+
+    A removed modality is zero-filled; with probability ``mask_prob`` it is also flagged absent in
+    the presence mask. The flag is drawn once per example and applies to every modality that
+    example loses, so each training example looks exactly like one of the two test protocols:
+    `mask` (all its removals flagged) or `zero` (none flagged). ``mask_prob = 0`` never changes the
+    mask, ``1`` flags every removal. moddrop, every ModalImmune path, the information-gain
+    leave-one-out, the unlearning retain/forget batches and every new baseline call this, so no
+    method trains under a private rule and none is judged on a protocol it never saw.
+
+    Args:
+      batch: dict with one array per modality, ``[B, T_m, D_m]`` or ``[B, D_m]`` float, plus
+        ``"mask"`` ``[B, M] float32`` and any other keys (passed through).
+      keep: ``[M]`` or ``[B, M]`` float or bool; 0 removes modality m (for that example).
+      key: PRNG key for the per-example flags.
+      mask_prob: scalar in ``[0, 1]``, ``config.removal.mask_prob``; may be traced.
+      modalities: the M modality names, in the column order of ``batch["mask"]``.
+
+    Returns:
+      A new batch dict with the same structure, shapes and dtypes.
+    """
+    num_examples = batch["mask"].shape[0]
+    keep = jnp.broadcast_to(jnp.asarray(keep, jnp.float32), (num_examples, len(modalities)))
+    out = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
+    flag = jax.random.bernoulli(key, mask_prob, (num_examples, 1)).astype(jnp.float32)  # [B, 1]
+    out["mask"] = batch["mask"] * (1.0 - flag * (1.0 - keep)).astype(batch["mask"].dtype)
     return out

@@ -105,6 +105,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Weight of the reconstruction loss (DESIGN.md §3.5); decoders train on it.
     config.loss.reconstruction = 0.1
 
+    # DESIGN.md §2: the one training-time removal rule every method shares. A removed modality
+    # is zero-filled and, with this probability (drawn per example), also flagged absent in the
+    # presence mask, so that both test protocols (`zero`: mask left 1; `mask`: mask 0) are trained.
+    config.removal = ml_collections.ConfigDict()
+    config.removal.mask_prob = 0.5
+
     config.moddrop = ml_collections.ConfigDict()
     # Each modality is zero-filled (mask 0) with this probability, keeping at least one.
     config.moddrop.p = 0.3

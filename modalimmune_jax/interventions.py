@@ -47,6 +47,35 @@ def drop_modalities(
     return out
 
 
+def training_mask(
+    mask: jax.typing.ArrayLike,
+    keep: jax.typing.ArrayLike,
+    *,
+    key: jax.Array,
+    mask_prob: jax.typing.ArrayLike,
+) -> jax.Array:
+    """The presence mask after a training-time removal: the flag half of `remove_for_training`.
+
+    Every removed entry (``keep == 0``) of an example is set to 0 with probability ``mask_prob``,
+    one draw per example; kept entries and unflagged examples keep their mask. Paths that remove a
+    modality by other means than zero-filling its input (ModalImmune's collapse of its embedding)
+    call this directly, so their mask follows the same rule.
+
+    Args:
+      mask: ``[B, M]`` float presence mask.
+      keep: ``[M]`` or ``[B, M]`` float or bool; 0 marks a removed modality.
+      key: PRNG key for the per-example flags.
+      mask_prob: scalar in ``[0, 1]``; may be traced.
+
+    Returns:
+      ``[B, M]`` mask, dtype of ``mask``.
+    """
+    mask = jnp.asarray(mask)
+    keep = jnp.broadcast_to(jnp.asarray(keep, jnp.float32), mask.shape)
+    flag = jax.random.bernoulli(key, mask_prob, (mask.shape[0], 1)).astype(jnp.float32)  # [B, 1]
+    return mask * (1.0 - flag * (1.0 - keep)).astype(mask.dtype)
+
+
 def remove_for_training(
     batch: Batch,
     keep: jax.typing.ArrayLike,
@@ -79,6 +108,5 @@ def remove_for_training(
     num_examples = batch["mask"].shape[0]
     keep = jnp.broadcast_to(jnp.asarray(keep, jnp.float32), (num_examples, len(modalities)))
     out = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
-    flag = jax.random.bernoulli(key, mask_prob, (num_examples, 1)).astype(jnp.float32)  # [B, 1]
-    out["mask"] = batch["mask"] * (1.0 - flag * (1.0 - keep)).astype(batch["mask"].dtype)
+    out["mask"] = training_mask(batch["mask"], keep, key=key, mask_prob=mask_prob)
     return out

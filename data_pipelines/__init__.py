@@ -12,6 +12,9 @@ Datasets (``config.dataset.name``): "synthetic", "digits", "npz", "cmu_mosi", "c
 "iemocap". Build ahead of time with ``python -m data_pipelines.build``.
 """
 
-from data_pipelines.pipeline import DatasetInfo, load_split, make_loader, prepare
+from data_pipelines.pipeline import SOURCES, DatasetInfo, load_split, make_loader, prepare
 
-__all__ = ["DatasetInfo", "load_split", "make_loader", "prepare"]
+# Every dataset name, in one place: configs, validation and the reproduce suites read it here.
+DATASETS = tuple(SOURCES)
+
+__all__ = ["DATASETS", "DatasetInfo", "load_split", "make_loader", "prepare"]

@@ -245,6 +245,13 @@ def compute_metrics(
     return fns[family](outputs, labels)
 
 
+# The columns of the field's missing-modality tables (MMSA / MulT / classification papers), the
+# first being each family's headline; and the metrics where lower is better.
+TABLE_METRICS = {"classification": ("acc",), "sentiment": ("Non0_acc_2", "MAE"),
+                 "iemocap": ("avg_acc",), "regression": ("MAE",)}
+LOWER_IS_BETTER = ("MAE",)
+
+
 def primary_metric(family: str) -> tuple[str, bool]:
     """The metric used for model selection on the validation split, and whether higher is better.
 

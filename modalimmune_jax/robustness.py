@@ -116,7 +116,31 @@ def apply_missing(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown missing-modality protocol {protocol!r}; expected {PROTOCOLS}")
-    return drop_modalities(batch, keep, modalities=modalities, set_mask=protocol == "mask")
+    return remove_under_protocol(batch, keep, modalities=modalities, told=protocol == "mask")
+
+
+def remove_under_protocol(
+    batch: Batch,
+    keep: jax.typing.ArrayLike,
+    *,
+    modalities: Sequence[str],
+    told: jax.typing.ArrayLike,
+) -> dict[str, jax.Array]:
+    """`apply_missing` with the protocol as an array: ``told`` > 0 is `mask`, else `zero`.
+
+    A traced ``told`` lets one compiled prediction serve both protocols (the evaluator, the
+    unlearning measures).
+
+    Args:
+      batch, keep, modalities: as in `apply_missing`.
+      told: scalar float or bool; 1 sets ``mask *= keep`` (`mask`), 0 leaves the mask (`zero`).
+
+    Returns:
+      A new batch dict, same structure, shapes and dtypes.
+    """
+    zero = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
+    flagged = drop_modalities(batch, keep, modalities=modalities, set_mask=True)["mask"]
+    return {**zero, "mask": jnp.where(jnp.asarray(told) > 0, flagged, zero["mask"])}
 
 
 # ---------------------------------------------------------------------------------- corruption

@@ -4,7 +4,7 @@ Every case asserts: exit code != 0, no traceback, the last stderr line starts wi
 names the offending flag, file, key or shape, and an existing workdir is left byte for byte as it
 was (its config.json, metrics.jsonl and a checkpoint file). Cases that go through absl's flag
 parsing, and a few data-file cases end to end, run ``python -m experiments.train`` (or
-``experiments.unlearn``) as a subprocess; the others call ``train.run_cli(train_and_evaluate)``
+``experiments.unlearn``) as a subprocess; the others call ``cli.run_cli(train_and_evaluate)``
 in-process, the CLI's code path after flag parsing (a subprocess costs ~5 s of imports).
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import train
 from experiments.configs import default
+from modalimmune_jax.training import cli, step, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "default.py")
@@ -238,7 +238,7 @@ def test_bad_input_in_process(name, tmp_path, capsys):
     before = _snapshot(workdir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(lambda: train.train_and_evaluate(config, workdir))
+        cli.run_cli(lambda: trainer.train_and_evaluate(config, workdir))
     _assert_one_line_error(exit_info.value.code, capsys.readouterr().err, needles)
     _assert_untouched(before, workdir)
 
@@ -263,7 +263,7 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
     _populate(workdir, _config(model__d=8))
     before = _snapshot(workdir)
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(lambda: train.train_and_evaluate(_config(), workdir))
+        cli.run_cli(lambda: trainer.train_and_evaluate(_config(), workdir))
     _assert_one_line_error(exit_info.value.code, capsys.readouterr().err,
                            ["config.model.d was 8, now 16", "config.json"])
     _assert_untouched(before, workdir)
@@ -275,7 +275,7 @@ def test_unreadable_config_json_is_refused_untouched(tmp_path, capsys):
     (workdir / "config.json").write_text('{"seed": 0, "method": "er')  # torn by a crash
     before = _snapshot(str(workdir))
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(lambda: train.train_and_evaluate(_config(), str(workdir)))
+        cli.run_cli(lambda: trainer.train_and_evaluate(_config(), str(workdir)))
     _assert_one_line_error(exit_info.value.code, capsys.readouterr().err,
                            ["config.json", "cannot read the saved config"])
     _assert_untouched(before, str(workdir))
@@ -285,7 +285,7 @@ def test_workdir_that_is_a_file_is_refused_untouched(tmp_path, capsys):
     path = tmp_path / "results.txt"
     path.write_text("a file the user cares about\n")
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(lambda: train.train_and_evaluate(_config(), str(path)))
+        cli.run_cli(lambda: trainer.train_and_evaluate(_config(), str(path)))
     _assert_one_line_error(exit_info.value.code, capsys.readouterr().err,
                            [f"--workdir={path}", "not a directory"])
     assert path.read_text() == "a file the user cares about\n"
@@ -295,7 +295,7 @@ def test_workdir_that_is_a_file_is_refused_untouched(tmp_path, capsys):
 def test_make_optimizer_clamps_the_warmup(num_steps, warmup):
     """A run no longer than its warmup used to raise in optax (cosine decay_steps=0)."""
     config = _config(num_steps=num_steps, optimizer__warmup_steps=warmup)
-    tx, schedule = train.make_optimizer(config)
+    tx, schedule = step.make_optimizer(config)
     lr, end = config.optimizer.lr, config.optimizer.lr * config.optimizer.end_lr_factor
     w = min(warmup, num_steps - 1)  # warms up for all but the last step
     # Reference: linear 0 -> lr over w steps, then cosine lr -> end over num_steps - w steps.

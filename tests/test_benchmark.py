@@ -9,8 +9,9 @@ import math
 
 import pytest
 
-from experiments import benchmark, io_lib
 from experiments.configs import default
+from modalimmune_jax.studies import benchmark
+from modalimmune_jax.training import files
 
 
 def _numbers(tree):
@@ -50,7 +51,7 @@ def _tiny_run(tmp, *, meta):
     result = benchmark.run_benchmark(config, data_dir=str(tmp), repeats=1, calls=1,
                                      pipeline_batches=3, hypergrad_terms=(1, 2))
     path = str(tmp / "bench.json")
-    io_lib.atomic_write_json(path, result)
+    files.write_json(path, result)
     with open(path) as f:
         return json.load(f)
 

@@ -31,8 +31,8 @@ RTOL, ATOL = 2e-4, 2e-5
 
 
 def _tiny_setup(method, workdir, **mi):
-    from experiments import train
     from experiments.configs import default
+    from modalimmune_jax.training import trainer
 
     config = default.get_config("digits,tiny")
     with config.unlocked():
@@ -41,7 +41,8 @@ def _tiny_setup(method, workdir, **mi):
         config.dataset.data_dir = os.path.join(workdir, "data")
         for k, v in mi.items():
             config.mi[k] = v
-    return config, train.setup(config, workdir)
+    built = trainer.setup(config, workdir)
+    return config, (built.info, built.data_dir, built.build_model, built.apply_fns)
 
 
 def _check_sharded_grads_match_one_device(workdir, *, meta):
@@ -53,8 +54,8 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
     from jax.sharding import PartitionSpec as P
 
     import data_pipelines
-    from experiments import train
     from modalimmune_jax import methods
+    from modalimmune_jax.training import mesh as mesh_lib
 
     # Step 0 refreshes IG and curvature; a meta step (step % meta_every == 0, step > 0) also runs
     # Lanczos and the Neumann hypergradient on the meta batch.
@@ -81,7 +82,7 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
     put1 = lambda t: jax.device_put(t, one)
     ref = jax.jit(grads_fn)(put1(params), put1(extra), put1(batch), put1(meta_batch))
 
-    mesh = train.make_mesh()
+    mesh = mesh_lib.make_mesh()
     assert mesh.size == 8, mesh
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     sharded_batch = jax.device_put(batch, data)
@@ -134,7 +135,8 @@ class _ConcatIterator:
 
 
 def _virtual_shards(num_shards):
-    """Patches the trainer's loader: one process reads the global batch as `num_shards` hosts do."""
+    """A loader for the trainer's `make_loader` hook: one process reads the global batch as
+    `num_shards` hosts do."""
     import data_pipelines
 
     real = data_pipelines.make_loader
@@ -152,15 +154,7 @@ def _virtual_shards(num_shards):
                              shard_index=i, shard_count=num_shards, **kw)
                         for i in range(num_shards)])
 
-    data_pipelines.make_loader = make_loader
-
-
-def _short_final_evaluation(evaluator, params, arrays):
-    """The final evaluation cut to two conditions: same code path, a fraction of the compiles."""
-    mods = evaluator.info.modalities
-    keep = [1.0] * (len(mods) - 1) + [0.0]  # the last modality missing
-    return {"full": evaluator.full(params, arrays),
-            "missing": {"last": evaluator.missing(params, arrays, keep, protocol="zero")}}
+    return make_loader
 
 
 class CompileCounter:
@@ -187,22 +181,28 @@ class CompileCounter:
 
 
 def _worker_train(argv):
+    """The train binary's main, with the trainer's `make_loader` hook for virtual shards."""
     from absl import app, flags
 
-    from experiments import eval_lib, train
+    import experiments.train  # noqa: F401 -- defines the binary's flags
+    from modalimmune_jax.training import cli, trainer
 
-    count_path = None
+    count_path, hooks = None, trainer.Hooks()
     while argv and argv[0].startswith("--worker_"):
         name, value = argv.pop(0)[len("--worker_"):].split("=")
         if name == "virtual_shards":
-            _virtual_shards(int(value))
+            hooks = trainer.Hooks(make_loader=_virtual_shards(int(value)))
         elif name == "count_compiles":
             count_path = value
-    eval_lib.final_evaluation = _short_final_evaluation
+
+    def main(args):
+        cli.main(args, lambda: trainer.train_command(flags.FLAGS.config, flags.FLAGS.workdir,
+                                                     hooks=hooks))
+
     flags.mark_flags_as_required(["config", "workdir"])
     with CompileCounter() as counter:
         try:
-            app.run(train.main, argv=["train", *argv])
+            app.run(main, argv=["train", *argv])
         finally:
             if count_path:
                 with open(count_path, "w") as f:
@@ -272,18 +272,19 @@ def _final_train_state(workdir):
     import orbax.checkpoint as ocp
     from jax.sharding import SingleDeviceSharding
 
-    from experiments import train
     from modalimmune_jax import methods
+    from modalimmune_jax.training import checkpoint, trainer
+    from modalimmune_jax.training import step as step_lib
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    info, _, build_model, apply_fns = train.setup(config, workdir)
-    tx, _ = train.make_optimizer(config)
-    method = methods.make_method(config.method, apply_fns, info=info, config=config)
-    init_fn = train.make_init_fn(build_model, tx, method)
-    abstract = train.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
-                                         SingleDeviceSharding(jax.devices()[0]))
-    mngr = train.init_checkpoint_manager(workdir, config)
+    built = trainer.setup(config, workdir)
+    tx, _ = step_lib.make_optimizer(config)
+    method = methods.make_method(config.method, built.apply_fns, info=built.info, config=config)
+    init_fn = step_lib.make_init_fn(built.build_model, tx, method)
+    abstract = checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
+                                              SingleDeviceSharding(jax.devices()[0]))
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     mngr.close()
@@ -291,7 +292,7 @@ def _final_train_state(workdir):
 
 
 def test_resolve_reads_arguments_then_environment():
-    from experiments import distributed
+    from modalimmune_jax.training import distributed
 
     env = {"MODALIMMUNE_COORDINATOR": "10.0.0.1:1234", "MODALIMMUNE_NUM_PROCESSES": "4",
            "MODALIMMUNE_PROCESS_ID": "3"}
@@ -312,16 +313,17 @@ def test_resolve_reads_arguments_then_environment():
     ({}, {"MODALIMMUNE_NUM_PROCESSES": "two"}, "MODALIMMUNE_NUM_PROCESSES"),
 ])
 def test_resolve_rejects_incomplete_settings(kwargs, env, needle):
-    from experiments import config_lib, distributed
+    from modalimmune_jax.training import distributed
+    from modalimmune_jax.training.errors import ConfigError
 
-    with pytest.raises(config_lib.ConfigError, match=needle):
+    with pytest.raises(ConfigError, match=needle):
         distributed.resolve(**kwargs, environ=env)
 
 
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):
     import jax
 
-    from experiments import distributed
+    from modalimmune_jax.training import distributed
 
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
                  distributed.ENV_PROCESS_ID):
@@ -337,8 +339,9 @@ def test_batch_not_divisible_by_device_count_is_a_config_error(tmp_path, monkeyp
                                                                value):
     import jax
 
-    from experiments import config_lib, train
     from experiments.configs import default
+    from modalimmune_jax.training import trainer
+    from modalimmune_jax.training.errors import ConfigError
 
     config = default.get_config("digits,tiny")
     node, leaf = (config.eval, "batch_size") if field == "eval.batch_size" else (config, field)
@@ -346,15 +349,18 @@ def test_batch_not_divisible_by_device_count_is_a_config_error(tmp_path, monkeyp
         node[leaf] = value
     monkeypatch.setattr(jax, "device_count", lambda: 8)  # what setup sees on an 8-device mesh
     needle = rf"config\.{field}={value} .*device count \(8\)"
-    with pytest.raises(config_lib.ConfigError, match=needle):
-        train.setup(config, str(tmp_path))
+    with pytest.raises(ConfigError, match=needle):
+        trainer.setup(config, str(tmp_path))
 
 
 def _train_args(method):
     return [f"--config={CONFIG}:digits,tiny", f"--config.method={method}",
             "--config.mi.meta=False", "--config.mi.ig_every=2", "--config.mi.curv_every=3",
             "--config.num_steps=6", "--config.log_every=1", "--config.eval_every=3",
-            "--config.checkpoint_every=3"]
+            "--config.checkpoint_every=3",
+            # The full-modality evaluation: the prediction path of every condition, and a
+            # fraction of the whole protocol's compiles.
+            "--config.eval.protocol=full"]
 
 
 def _run_and_compare(tmp_path, method, *, runs):

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import train
 from experiments.configs import default
 from modalimmune_jax.methods.baselines import prediction_divergence
+from modalimmune_jax.training import trainer
 
 
 def test_prediction_divergence_by_hand():
@@ -35,7 +35,7 @@ def _run_modalimmune(tmp_path, *, meta):
         config.mi.curv_every = 2
         config.mi.meta_every = 3
     workdir = str(tmp_path / "mi")
-    return train.train_and_evaluate(config, workdir), workdir
+    return trainer.train_and_evaluate(config, workdir), workdir
 
 
 @pytest.mark.slow

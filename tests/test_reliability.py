@@ -7,7 +7,6 @@ of the final checkpoint, the bytes of eval.json, and every logged measurement bu
 
 import glob
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,11 +23,11 @@ import pytest
 from flax import nnx
 
 from data_pipelines import pipeline
-from experiments import eval_lib, io_lib, train
 from experiments.configs import default
 from modalimmune_jax.methods.modalimmune import make_modalimmune
 from modalimmune_jax.model import create_model, make_apply_fns
 from modalimmune_jax.spectral import spectral_collapse
+from modalimmune_jax.training import cli, files, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "default.py")
@@ -208,7 +207,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(digits_reference, 
         config.num_steps, config.checkpoint_every, config.log_every, config.eval_every = (
             60, 20, 2, 20)
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(lambda: train.train_and_evaluate(config, workdir))
+        cli.run_cli(lambda: trainer.train_and_evaluate(config, workdir))
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: no readable checkpoint among steps [60, 40]"), last
@@ -235,9 +234,9 @@ def test_modalimmune_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    """eval.json, config.json and metrics truncation go through io_lib: temp file, then rename."""
+    """eval.json, config.json and metrics truncation go through files: temp file, then rename."""
     path = tmp_path / "eval.json"
-    io_lib.atomic_write_json(str(path), {"acc": 0.5})
+    files.write_json(str(path), {"acc": 0.5})
     old = path.read_bytes()
 
     def disk_full(fd):
@@ -245,7 +244,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
-        io_lib.atomic_write_json(str(path), {"acc": 0.9})
+        files.write_json(str(path), {"acc": 0.9})
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["eval.json"]  # no temp file left behind
 
@@ -263,34 +262,31 @@ def test_same_seed_twice_gives_identical_results(digits_reference, compile_cache
 # --------------------------------------------------------------------- divergence guards (item 2)
 
 
-def _inject_nan(monkeypatch, *, record, modality):
-    """Training batch number `record` (0-based, so step ``record + 1``) gets one NaN feature."""
-    real = pipeline._EpochBatchSource.__getitem__
+def _inject_nan(*, record, modality):
+    """The trainer's `map_batch` hook: batch `record` (0-based, step ``record + 1``) gets a NaN."""
 
-    def getitem(self, index):
-        batch = real(self, index)
-        if int(index) == record:
+    def map_batch(step, batch):
+        if step == record:
             x = np.array(batch[modality], np.float32)
             x[0, 0] = np.nan
             batch = {**batch, modality: x}
         return batch
 
-    monkeypatch.setattr(pipeline._EpochBatchSource, "__getitem__", getitem)
-    # The guard is what is under test, not the 25 s final evaluation.
-    monkeypatch.setattr(eval_lib, "final_evaluation",
-                        lambda evaluator, params, arrays: {"full": evaluator.full(params, arrays)})
+    return trainer.Hooks(map_batch=map_batch)
 
 
 def _train_records(workdir):
     return {r["step"]: r for r in _logged(workdir) if "loss" in r}
 
 
-def _nan_batch_run(monkeypatch, tmp_path, *, record, **fields):
-    _inject_nan(monkeypatch, record=record, modality="left")
+def _nan_batch_run(tmp_path, *, record, **fields):
+    hooks = _inject_nan(record=record, modality="left")
     config = default.get_config("digits,tiny")
     with config.unlocked():
         config.num_steps, config.log_every, config.eval_every = 8, 1, 8
         config.checkpoint_every = 8
+        # The guard is what is under test, not the 25 s final evaluation.
+        config.eval.protocol = "full"
         for name, value in fields.items():  # mi__meta=False sets config.mi.meta
             *parents, leaf = name.split("__")
             node = config
@@ -298,15 +294,16 @@ def _nan_batch_run(monkeypatch, tmp_path, *, record, **fields):
                 node = node[p]
             node[leaf] = value
     workdir = str(tmp_path / "nan")
-    results = train.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir, hooks=hooks)
     return _train_records(workdir), results, workdir
 
 
-def test_nan_batch_skips_the_update_and_counts_it(monkeypatch, tmp_path):
-    records, results, workdir = _nan_batch_run(monkeypatch, tmp_path, record=3)
+def test_nan_batch_skips_the_update_and_counts_it(tmp_path):
+    records, results, workdir = _nan_batch_run(tmp_path, record=3)
     assert sorted(records) == list(range(1, 9))
     bad = records[4]
-    assert math.isnan(bad["loss"]) and bad["skipped"] == 1
+    # The loss was NaN: strict JSON records an undefined figure as null.
+    assert bad["loss"] is None and bad["skipped"] == 1
     assert bad["consecutive_skips"] == 1 and bad["total_skips"] == 1
     for step in (1, 2, 3, 5, 6, 7, 8):
         assert records[step]["skipped"] == 0 and records[step]["consecutive_skips"] == 0
@@ -322,10 +319,10 @@ def test_nan_batch_skips_the_update_and_counts_it(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_batch_leaves_modalimmune_state_clean(monkeypatch, tmp_path):
+def test_nan_batch_leaves_modalimmune_state_clean(tmp_path):
     """A NaN batch on an IG and curvature refresh step: without reverting the method's state on a
     skipped update, the NaN gain/curvature EMAs would skip every later step."""
-    records, _, _ = _nan_batch_run(monkeypatch, tmp_path, record=4, method="modalimmune",
+    records, _, _ = _nan_batch_run(tmp_path, record=4, method="modalimmune",
                                    mi__meta=False, mi__ig_every=2, mi__curv_every=2)
     assert records[5]["skipped"] == 1 and records[8]["total_skips"] == 1
     for step in (6, 7, 8):

@@ -2,19 +2,19 @@
 
 The summaries and tables are checked against numbers worked out by hand (closed-form areas of
 linear curves); the end-to-end run trains one tiny synthetic model and checks the files, their
-structure, the resume path and the unlearning hook (with a stand-in `experiments.unlearn`).
+structure, the resume path and the unlearning hook (with a stand-in unlearning job).
 """
 
 import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
-from experiments import plots, reproduce, train
+from experiments.configs import default
+from modalimmune_jax.studies import plots, suite, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODS = ("text", "audio", "vision")
@@ -63,7 +63,7 @@ def _hand_made_evals():
 @pytest.fixture(scope="module")
 def hand_results():
     evals = _hand_made_evals()
-    return reproduce.aggregate(evals, metric="acc", reference=evals["erm"])
+    return tables.aggregate(evals, metric="acc", reference=evals["erm"])
 
 
 def _close(stat, mean, std):
@@ -96,7 +96,7 @@ def test_aggregate_mean_std_and_robustness_by_hand(hand_results):
 
 def test_aggregate_without_reference_has_relative_only():
     evals = _hand_made_evals()
-    out = reproduce.aggregate({"flat": evals["flat"]}, metric="acc")
+    out = tables.aggregate({"flat": evals["flat"]}, metric="acc")
     assert set(out["flat"]["robustness"]["random_missing"]) == {"relative"}
     assert set(out["flat"]["robustness"]["corruption_avg"]["gaussian"]) == {"relative"}
 
@@ -123,7 +123,7 @@ def _cell(mean, std, scale=100.0, digits=1, signed=False):
 
 
 def test_tables_match_results(hand_results):
-    md = reproduce.render_tables(hand_results, names=["erm", "flat"], modalities=MODS,
+    md = tables.render_tables(hand_results, names=["erm", "flat"], modalities=MODS,
                                  family="classification", num_seeds=2)
     missing, rob = _table_rows(md)
     assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
@@ -160,8 +160,8 @@ def test_sentiment_tables_use_non0_acc_and_mae():
                   *(lv for m in ev["corruption"].values() for k in m.values()
                     for lv in k.values())]:
             d["MAE"] = 1.0
-    results = reproduce.aggregate(evals, metric="Non0_acc_2", reference=evals["erm"])
-    md = reproduce.render_tables(results, names=["erm"], modalities=MODS, family="sentiment",
+    results = tables.aggregate(evals, metric="Non0_acc_2", reference=evals["erm"])
+    md = tables.render_tables(results, names=["erm"], modalities=MODS, family="sentiment",
                                  num_seeds=1)
     acc_table, mae_table, _ = _table_rows(md)
     assert acc_table[1][1] == "80.0 ± 0.0"
@@ -171,29 +171,29 @@ def test_sentiment_tables_use_non0_acc_and_mae():
 
 
 def test_format_stat():
-    assert reproduce.format_stat({"mean": 0.9734, "std": 0.0041}, "acc") == "97.3 ± 0.4"
-    assert reproduce.format_stat({"mean": 0.71234, "std": 0.0101}, "MAE") == "0.712 ± 0.010"
-    assert reproduce.format_stat({"mean": 0.5, "std": 0.01}, "Corr") == "0.500 ± 0.010"
-    assert reproduce.format_stat({"mean": -0.021, "std": 0.003}, "acc",
+    assert tables.format_stat({"mean": 0.9734, "std": 0.0041}, "acc") == "97.3 ± 0.4"
+    assert tables.format_stat({"mean": 0.71234, "std": 0.0101}, "MAE") == "0.712 ± 0.010"
+    assert tables.format_stat({"mean": 0.5, "std": 0.01}, "Corr") == "0.500 ± 0.010"
+    assert tables.format_stat({"mean": -0.021, "std": 0.003}, "acc",
                                  signed=True) == "-2.1 ± 0.3"
-    assert reproduce.format_stat({"mean": -1e-17, "std": 0.0}, "acc", signed=True) == "+0.0 ± 0.0"
+    assert tables.format_stat({"mean": -1e-17, "std": 0.0}, "acc", signed=True) == "+0.0 ± 0.0"
 
 
 def test_runs_and_ablation_configs():
-    runs = reproduce.make_runs(["erm", "modalimmune"], ablation=True)
+    runs = suite.make_runs(["erm", "modalimmune"], ablation=True)
     assert [r.name for r in runs] == [
         "erm", "modalimmune", "modalimmune-no_controller", "modalimmune-no_collapse",
         "modalimmune-no_regularizer", "modalimmune-no_curvature", "modalimmune-no_meta"]
-    assert [r.name for r in reproduce.make_runs(["erm"], ablation=True)] == ["erm"]
-    base = reproduce.suite_config("synthetic", fast=True, data_dir="/d")
+    assert [r.name for r in suite.make_runs(["erm"], ablation=True)] == ["erm"]
+    base = suite.suite_config("synthetic", get_config=default.get_config, fast=True, data_dir="/d")
     assert base.num_steps == 600 and base.dataset.data_dir == "/d"
-    config = reproduce.run_config(base, runs[3], seed=2)
+    config = suite.run_config(base, runs[3], seed=2)
     assert config.method == "modalimmune" and config.seed == 2
     switches = ("controller", "collapse", "regularizer", "curvature", "meta")
     assert {s: config.mi[s] for s in switches} == {s: s != "collapse" for s in switches}
     assert base.mi.collapse  # the base config is not modified
     with pytest.raises(ValueError, match="--methods"):
-        reproduce.make_runs(["erm", "bogus"], ablation=False)
+        suite.make_runs(["erm", "bogus"], ablation=False)
 
 
 def _assert_png(path, min_bytes=5000):
@@ -231,12 +231,12 @@ def test_plots_from_hand_made_data(tmp_path, hand_results):
 
 
 class _FakeUnlearn:
-    """Stands in for experiments.unlearn.unlearn: records calls, writes unlearn.json."""
+    """Stands in for the suite's unlearning job: records calls, writes unlearn.json."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, *, workdir, forget, method, out, steps=None, progress=True):
+    def __call__(self, workdir, forget, method, out, steps, cache, progress):
         self.calls.append((workdir, forget, method, steps))
         result = {"method": method, "forget": forget, "wall_time_s": 1.5,
                   "forget_quality": {"probe_acc": 0.25, "chance": 0.25, "alone_acc": 0.3},
@@ -251,11 +251,9 @@ class _FakeUnlearn:
 def tiny_suite(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("suite"))
     fake = _FakeUnlearn()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "experiments.unlearn",
-                   types.SimpleNamespace(unlearn=fake, __name__="experiments.unlearn"))
-        results = reproduce.reproduce("synthetic", out, seeds=1, tiny=True, num_steps=10,
-                                      method_names=("erm",), ablation=False, unlearning=True)
+    results = suite.reproduce("synthetic", out, get_config=default.get_config, seeds=1, tiny=True,
+                              num_steps=10, method_names=("erm",), ablation=False,
+                              unlearning=True, unlearn_job=fake)
     return out, results, fake
 
 
@@ -290,32 +288,30 @@ def test_suite_writes_results_table_and_plots(tiny_suite):
     assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
     assert [r[0] for r in missing[1:]] == ["erm"] and [r[0] for r in rob[1:]] == ["erm"]
     assert missing[1][1] == _cell(ev["full"]["acc"], 0.0)
-    assert [r[0] for r in unl[1:]] == list(reproduce.UNLEARNING_METHODS)
+    assert [r[0] for r in unl[1:]] == list(suite.UNLEARNING_METHODS)
     assert "forget_quality/probe_acc" in unl[0] and "retained/missing/acc" in unl[0]
 
     for name in ("random_missing", "corruption", "spectra"):
         _assert_png(os.path.join(out, "plots", f"{name}.png"))
     # The unlearning hook: erm seed 0, forgetting the first modality, each method once.
     workdir = os.path.join(out, "runs", "erm", "seed0")
-    assert [c[2] for c in fake.calls] == list(reproduce.UNLEARNING_METHODS)
+    assert [c[2] for c in fake.calls] == list(suite.UNLEARNING_METHODS)
     assert all(c[:2] == (workdir, "text") and c[3] == 5 for c in fake.calls)
     assert saved["unlearning"]["ccu"]["forget_quality"]["probe_acc"] == 0.25
 
 
-def test_suite_rerun_resumes_without_training(tiny_suite, monkeypatch):
+def test_suite_rerun_resumes_without_training(tiny_suite):
     out, results, _ = tiny_suite
 
-    def no_training(config, workdir, progress=True):
+    def no_training(config_dict, workdir, progress):
         raise AssertionError(f"finished run retrained: {workdir}")
 
-    def no_unlearning(**kwargs):
+    def no_unlearning(*args):
         raise AssertionError("finished unlearning re-run")
 
-    monkeypatch.setattr(train, "train_and_evaluate", no_training)
-    monkeypatch.setitem(sys.modules, "experiments.unlearn",
-                        types.SimpleNamespace(unlearn=no_unlearning))
-    again = reproduce.reproduce("synthetic", out, seeds=1, tiny=True, num_steps=10,
-                                method_names=("erm",), ablation=False, unlearning=True)
+    again = suite.reproduce("synthetic", out, get_config=default.get_config, seeds=1, tiny=True,
+                            num_steps=10, method_names=("erm",), ablation=False, unlearning=True,
+                            train_job=no_training, unlearn_job=no_unlearning)
     assert again["erm"] == results["erm"]
     assert again["unlearning"] == results["unlearning"]
 
@@ -324,9 +320,9 @@ def test_workers_give_the_sequential_results(tiny_suite, tmp_path):
     """Two spawned worker processes train what one process trains, to the bit."""
     out, _, _ = tiny_suite
     par = str(tmp_path / "par")
-    results = reproduce.reproduce("synthetic", par, seeds=1, tiny=True, num_steps=10,
-                                  method_names=("erm", "moddrop"), ablation=False,
-                                  unlearning=False, workers=2)
+    results = suite.reproduce("synthetic", par, get_config=default.get_config, seeds=1, tiny=True,
+                              num_steps=10, method_names=("erm", "moddrop"), ablation=False,
+                              unlearning=False, workers=2)
     path = os.path.join("runs", "erm", "seed0", "eval.json")
     with open(os.path.join(out, path)) as f, open(os.path.join(par, path)) as g:
         assert json.load(f) == json.load(g)
@@ -351,9 +347,9 @@ def test_cli_bad_method_is_a_one_line_error(tmp_path):
 def test_suite_two_seeds_with_modalimmune(tmp_path):
     """erm + modalimmune, 2 seeds: std over seeds, effective robustness, spectra and IG plots."""
     out = str(tmp_path / "suite")
-    results = reproduce.reproduce("synthetic", out, seeds=2, tiny=True, num_steps=30,
-                                  method_names=("erm", "modalimmune"), ablation=False,
-                                  unlearning=False)
+    results = suite.reproduce("synthetic", out, get_config=default.get_config, seeds=2, tiny=True,
+                              num_steps=30, method_names=("erm", "modalimmune"), ablation=False,
+                              unlearning=False)
     evs = {}
     for name in ("erm", "modalimmune"):
         evs[name] = []
@@ -388,7 +384,7 @@ def test_compare_to_baselines_by_hand():
 
     results = {"erm": run(0.60, 0.01, 0.90), "moddrop": run(0.72, 0.006, 0.91),
                "consistency": run(0.65, 0.02, 0.90), "modalimmune": run(0.74, 0.008, 0.895)}
-    cmp = reproduce.compare_to_baselines(results, metric="acc", higher_is_better=True)
+    cmp = tables.compare_to_baselines(results, metric="acc", higher_is_better=True)
     assert cmp["best_baseline"] == "moddrop"
     np.testing.assert_allclose(cmp["margin"], 0.02)
     np.testing.assert_allclose(cmp["pooled_std"], np.sqrt((0.008**2 + 0.006**2) / 2))
@@ -396,8 +392,8 @@ def test_compare_to_baselines_by_hand():
     np.testing.assert_allclose(cmp["full_gap_to_erm"], -0.005)
     # MAE: lower is better, so the sign flips and a smaller margin than the std fails.
     results = {"erm": run(0.80, 0.02, 0.10), "modalimmune": run(0.79, 0.03, 0.11)}
-    cmp = reproduce.compare_to_baselines(results, metric="acc", higher_is_better=False)
+    cmp = tables.compare_to_baselines(results, metric="acc", higher_is_better=False)
     np.testing.assert_allclose([cmp["margin"], cmp["full_gap_to_erm"]], [0.01, -0.01])
     assert not cmp["holds"]
-    assert reproduce.compare_to_baselines({"erm": results["erm"]}, metric="acc",
+    assert tables.compare_to_baselines({"erm": results["erm"]}, metric="acc",
                                           higher_is_better=True) == {}

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from experiments import config_lib, train
 from experiments.configs import default
 from modalimmune_jax import methods
+from modalimmune_jax.training import config as config_lib
+from modalimmune_jax.training import step, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "default.py")
@@ -116,7 +117,7 @@ def test_incompatible_workdir_is_refused(tmp_path):
 
 def test_optimizer_schedule_warms_up_then_decays():
     config = default.get_config("digits")
-    _, schedule = train.make_optimizer(config)
+    _, schedule = step.make_optimizer(config)
     lr = config.optimizer.lr
     assert float(schedule(0)) == 0.0
     assert abs(float(schedule(config.optimizer.warmup_steps)) - lr) < 1e-9
@@ -127,12 +128,12 @@ def test_optimizer_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("preset,key,bound", [("digits", "acc", 0.95)])
 def test_full_run_reaches_target(tmp_path, preset, key, bound):
     config = default.get_config(preset)
-    results = train.train_and_evaluate(config, str(tmp_path / preset))
+    results = trainer.train_and_evaluate(config, str(tmp_path / preset))
     assert results["full"][key] >= bound
 
 
 @pytest.mark.slow
 def test_synthetic_regression_beats_the_mean(tmp_path):
     config = default.get_config("synthetic_regression")
-    results = train.train_and_evaluate(config, str(tmp_path / "reg"))
+    results = trainer.train_and_evaluate(config, str(tmp_path / "reg"))
     assert results["full"]["MAE"] < results["full"]["mean_baseline_MAE"]

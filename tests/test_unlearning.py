@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import eval_lib, train, unlearn
 from experiments.configs import default
 from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.methods import unlearning
 from modalimmune_jax.model import FusionModel, make_apply_fns
+from modalimmune_jax.studies import unlearn
+from modalimmune_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODS = ("a", "b")
@@ -216,12 +217,6 @@ def test_chance_loss_by_hand():
 # --------------------------------------------------------------------------- end to end
 
 
-def _full_only(evaluator, params, arrays):
-    # The trainer's final robustness protocol (tested in test_train) compiles dozens of programs;
-    # these tests need only the checkpoint.
-    return {"full": evaluator.full(params, arrays)}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     config = default.get_config("digits,tiny")
@@ -229,10 +224,11 @@ def trained(tmp_path_factory):
         config.num_steps = 60
         config.eval_every = 60
         config.checkpoint_every = 60
+        # The final robustness protocol (tested in test_train) compiles dozens of programs;
+        # these tests need only the checkpoint.
+        config.eval.protocol = "full"
     workdir = str(tmp_path_factory.mktemp("unl") / "erm")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_lib, "final_evaluation", _full_only)
-        train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -281,8 +277,7 @@ def test_neggrad_raises_the_forget_loss(trained, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["modalimmune", "retrain"])
-def test_gated_methods_leave_nothing_to_probe(trained, tmp_path, monkeypatch, method):
-    monkeypatch.setattr(eval_lib, "final_evaluation", _full_only)  # retrain's own evaluation
+def test_gated_methods_leave_nothing_to_probe(trained, tmp_path, method):
     out = str(tmp_path / method)
     result = unlearn.unlearn(trained, "left", method, out, steps=STEPS)
     _check_body(result, method, STEPS)
@@ -316,7 +311,7 @@ def digits_comparison(tmp_path_factory):
     """Full digits (erm, 1500 steps), then retrain, modalimmune and CCU forgetting `left`."""
     root = tmp_path_factory.mktemp("unl_digits")
     workdir = str(root / "erm")
-    train.train_and_evaluate(default.get_config("digits"), workdir)
+    trainer.train_and_evaluate(default.get_config("digits"), workdir)
     return {m: unlearn.unlearn(workdir, "left", m, str(root / m))
             for m in ("retrain", "modalimmune", "ccu")}
 

@@ -2,7 +2,7 @@ r"""Default config: one file, a preset per dataset.
 
 Usage (the part after ':' picks the preset; extra comma-separated words modify it):
 
-  python -m experiments.train --config=experiments/configs/default.py:digits --workdir=/tmp/mi_digits
+  python -m experiments.train --config=experiments/configs/default.py:digits --workdir=runs/digits
   python -m experiments.train --config=experiments/configs/default.py:synthetic \
       --config.method=moddrop --workdir=/tmp/mi_syn
   python -m experiments.train --config=experiments/configs/default.py:synthetic_regression \
@@ -149,8 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.gamma = 0.0
     # Centre of a full collapse: "null" (the zero-filled input's embedding) or "mean" (batch mean).
     config.mi.anchor = "null"
-    # Probability that a collapsed target is also flagged absent in the mask.
-    config.mi.mask_prob = 0.5
+    # Deprecated: config.removal.mask_prob (one rule for every method). Still read for one
+    # release, with a warning, when set.
+    config.mi.mask_prob = None
     # Weight of the task loss on the collapsed representation.
     config.mi.collapse_weight = 1.0
     # Collapse regularizer R (§3.2) and its initial weight (a meta-parameter).
@@ -177,6 +178,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
+    # The final evaluation: "robustness" (eval.json's whole protocol: missing conditions under both
+    # protocols, random missing, corruption) or "full" (full-modality metrics only; quick runs).
+    config.eval.protocol = "robustness"
+    # Evaluate the params that scored best on valid (True), or the last ones (False).
+    config.eval.keep_best = True
+
+    # Write a jax.profiler trace of this many steps (after the first, compiling one) into
+    # <workdir>/profile, for TensorBoard or Perfetto; 0: no trace.
+    config.profile_steps = 0
 
     config.dataset = _dataset(preset)
 

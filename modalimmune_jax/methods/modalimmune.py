@@ -149,10 +149,10 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             # Each example gets its own targets from the same policy: the collapse operator is a
             # batch statistic, but which rows it replaces varies, as ModDrop's patterns do.
             target = jax.vmap(draw)(jax.random.split(k_target, batch_size))
-            flag_absent = jax.random.bernoulli(k_absent, mi.mask_prob, (batch_size,))
+            flag_absent = jax.random.bernoulli(k_absent, config.removal.mask_prob, (batch_size,))
         else:
             target = jnp.broadcast_to(draw(k_target), (batch_size, num_m))
-            flag_absent = jnp.broadcast_to(jax.random.bernoulli(k_absent, mi.mask_prob),
+            flag_absent = jnp.broadcast_to(jax.random.bernoulli(k_absent, config.removal.mask_prob),
                                            (batch_size,))
         flag_absent = flag_absent.astype(jnp.float32)
 

@@ -44,6 +44,7 @@ Losses (retain terms use the task loss only: the reconstruction term's target in
 """
 
 from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -564,3 +565,36 @@ def prune_rows(params, masks: Mapping[tuple, np.ndarray], *, index: int):
         return x
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+# ------------------------------------------------------------------ the trainer's view of them
+
+
+class UnlearningState(NamedTuple):
+    """The trained model's params: a constant of an unlearning run (CCU's KL teacher)."""
+
+    frozen: Any
+
+
+def as_method(loss_fn, *, grad_fn=None):
+    """A `methods.Method` from ``loss_fn(params, frozen, batch, rng) -> (loss, measurements)``.
+
+    The trainer starts the run from the trained params (its ``init_params`` hook); ``init`` keeps
+    a copy of them as ``frozen``. ``grad_fn`` (``grads -> grads``) post-processes the gradient,
+    e.g. MANU's `prune_rows`, which keeps pruned neurons at exactly zero (with their gradient
+    zero and their value zero, neither adam nor the weight decay moves them).
+    """
+    from modalimmune_jax.methods import Method  # noqa: PLC0415 -- methods imports baselines only
+
+    def init(params):
+        return UnlearningState(frozen=params)
+
+    def grads(params, state, batch, rng, *, step, meta_batch):
+        del step, meta_batch
+        (loss, meas), g = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, batch,
+                                                                    rng)
+        if grad_fn is not None:
+            g = grad_fn(g)
+        return g, state, {**meas, "loss": loss}
+
+    return Method(init=init, grads=grads)

@@ -5,13 +5,18 @@
 - ``missing``: per non-empty proper subset, named by the kept modalities (``"text+audio"``), under
   the default `zero` protocol; ``missing_mask``: the same under the `mask` protocol;
 - ``missing_avg`` / ``missing_avg_mask``: the mean of each metric over those conditions;
-- ``random_missing``: per rate r in 0.0..0.7 (each modality of each sample dropped independently,
-  at least one kept; `zero` protocol);
+- ``random_missing`` / ``random_missing_mask``: per rate r in 0.0..0.7 (each modality of each
+  sample dropped independently, at least one kept), under the `zero` / `mask` protocol; the same
+  draws for both;
 - ``corruption``: per modality, ``gaussian`` and ``timestep_drop`` at levels 0.0..0.9;
 - ``robustness``: relative robustness (area under the curve of the task's curve metric) of every
   curve above; effective robustness needs a reference (erm) curve, which `reproduce` supplies;
 - ``reconstruction``: R² per modality with the input clean, and with that modality collapsed to
   its batch mean (so the decoder must rebuild it from the others).
+
+A dataset with one modality has no missing condition: ``missing`` is ``{}``, ``missing_avg`` is
+null and ``missing_note`` says why. ``config.eval.protocol = "full"`` keeps only ``full`` (a quick
+run, or an unlearning run that measures itself).
 """
 
 import jax
@@ -20,7 +25,6 @@ import numpy as np
 
 from modalimmune_jax import losses, metrics, robustness
 from modalimmune_jax.evaluation import iterate_batches, make_predict_fn, predict_split
-from modalimmune_jax.interventions import drop_modalities
 from modalimmune_jax.model import collapse_target
 from modalimmune_jax.spectral import spectral_collapse
 
@@ -59,13 +63,11 @@ class Evaluator:
 
         def remove(batch, keep, set_mask):
             # set_mask is an array, not a Python bool, so both protocols share one compilation.
-            zero = drop_modalities(batch, keep, modalities=mods, set_mask=False)
-            told = drop_modalities(batch, keep, modalities=mods, set_mask=True)
-            return {**zero, "mask": jnp.where(set_mask > 0, told["mask"], zero["mask"])}
+            return robustness.remove_under_protocol(batch, keep, modalities=mods, told=set_mask)
 
-        def random_missing(batch, rate, key):
+        def random_missing(batch, rate, set_mask, key):
             keep = robustness.random_missing_keep(key, batch["mask"].shape[0], len(mods), rate)
-            return drop_modalities(batch, keep, modalities=mods, set_mask=False)
+            return remove(batch, keep, set_mask)
 
         self.missing_fn = make_predict_fn(apply_fns.apply, remove)
         self.random_missing_fn = make_predict_fn(apply_fns.apply, random_missing)
@@ -143,21 +145,30 @@ class Evaluator:
                 out.setdefault("collapsed", {})[name] = float(r2[mods.index(name)])
         return out
 
-    def protocol(self, params, arrays) -> dict:
-        """The whole eval.json body (module docstring) for one split."""
+    def protocol(self, params, arrays, *, kind: str = "robustness") -> dict:
+        """The eval.json body (module docstring) for one split; ``kind="full"``: ``full`` only."""
         mods = self.info.modalities
+        if kind == "full":
+            return {"full": self.full(params, arrays)}
         curve = CURVE_METRIC[self.info.metric_family]
         results = {"full": self.full(params, arrays)}
         for protocol, suffix in (("zero", ""), ("mask", "_mask")):
             per = {name: self.missing(params, arrays, keep, protocol=protocol)
                    for name, keep in robustness.missing_conditions(mods)}
             results["missing" + suffix] = per
+            # One modality: no proper non-empty subset to keep, so no average (not NaN).
             results["missing_avg" + suffix] = {
-                k: float(np.mean([v[k] for v in per.values()])) for k in results["full"]}
-        results["random_missing"] = {
-            str(r): self._run(self.random_missing_fn, params, arrays, jnp.float32(r),
-                              key=jax.random.fold_in(self.key, i))
-            for i, r in enumerate(MISSING_RATES)}
+                k: float(np.mean([v[k] for v in per.values()])) for k in results["full"]
+            } if per else None
+        if len(mods) == 1:
+            results["missing_note"] = ("one modality: there is no missing-modality condition "
+                                       "(every proper subset is empty)")
+        for protocol, suffix in (("zero", ""), ("mask", "_mask")):
+            results["random_missing" + suffix] = {
+                str(r): self._run(self.random_missing_fn, params, arrays, jnp.float32(r),
+                                  jnp.float32(protocol == "mask"),
+                                  key=jax.random.fold_in(self.key, i))
+                for i, r in enumerate(MISSING_RATES)}
         corruption = {}
         if self.feature_std is not None:
             for (m, kind), fn in self.corrupt_fns.items():
@@ -188,12 +199,9 @@ def robustness_summary(results: dict, metric: str, reference: dict | None = None
         return out
 
     out = {"random_missing": summarize(lambda r: r["random_missing"]), "corruption": {}}
+    if "random_missing_mask" in results:
+        out["random_missing_mask"] = summarize(lambda r: r["random_missing_mask"])
     for m, kinds in results.get("corruption", {}).items():
         out["corruption"][m] = {k: summarize(lambda r, m=m, k=k: r["corruption"][m][k])
                                 for k in kinds}
     return out
-
-
-def final_evaluation(evaluator: Evaluator, params, arrays) -> dict:
-    """The ``eval.json`` body for the test split."""
-    return evaluator.protocol(params, arrays)

@@ -1,31 +1,97 @@
-"""Config validation and workdir compatibility: bad input fails early, with the field named."""
+"""Run configs: validation, path resolution, deprecated names, and workdir compatibility.
+
+Bad input fails here, before anything is written, with the field named (README "Reliability").
+"""
 
 import json
 import os
+import warnings
 
 import ml_collections
 
+from data_pipelines import DATASETS
 from modalimmune_jax.model import ENCODERS, FUSIONS
+from modalimmune_jax.training.errors import ConfigError
 
-DATASETS = ("synthetic", "digits", "npz", "cmu_mosi", "cmu_mosei", "iemocap")
 # Fields a rerun may change without invalidating the checkpoints in a workdir.
 RESUMABLE_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints", "dataset.data_dir", "dataset.worker_count",
-                    "eval.batch_size", "preset")
+                    "eval.batch_size", "preset", "profile_steps")
+# Config fields that name a file or folder: resolved to absolute paths at the CLI boundary.
+PATH_FIELDS = ("dataset.path", "dataset.data_dir")
+# Old name -> new name. The old name keeps working for one release, with a warning.
+DEPRECATED_FIELDS = {"mi.mask_prob": "removal.mask_prob"}
+MAX_SEED = 2**32 - 1
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
+def get_field(config, dotted: str):
+    """``config["a"]["b"]`` for ``"a.b"``."""
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _set_field(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _has_field(config, dotted: str) -> bool:
+    try:
+        get_field(config, dotted)
+    except (KeyError, AttributeError):
+        return False
+    return True
+
+
+def absolute_path(path: str) -> str:
+    """A user-given path as the absolute path it names now (``~`` expanded); "" stays ""."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with its paths absolute and deprecated fields moved to their new names.
+
+    Called once, at the CLI boundary, so that ``config.json`` records what the run used and a run
+    resumed from another working directory finds the same data.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field in PATH_FIELDS:
+        if _has_field(config, field) and isinstance(get_field(config, field), str):
+            _set_field(config, field, absolute_path(get_field(config, field)))
+    for old, new in DEPRECATED_FIELDS.items():
+        if _has_field(config, old) and get_field(config, old) is not None:
+            warnings.warn(f"config.{old} is deprecated and will be removed in the next release; "
+                          f"use config.{new} (set to {get_field(config, old)!r} for this run)",
+                          DeprecationWarning, stacklevel=2)
+            _set_field(config, new, get_field(config, old))
+            _set_field(config, old, None)
+    return config
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run saved in `workdir` (``config.json``)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--workdir={workdir}: no config.json; is it a training workdir?")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the saved config ({e})") from None
 
 
 def _positive_int(config, name):
-    value = _get(config, name)
+    value = get_field(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
 
 
 def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
-    value = _get(config, name)
+    value = get_field(config, name)
     ok = isinstance(value, int | float) and not isinstance(value, bool) and (
         (lo is None or (value > lo if lo_open else value >= lo))
         and (hi is None or (value < hi if hi_open else value <= hi)))
@@ -35,29 +101,23 @@ def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
         raise ConfigError(f"config.{name} must be a number in {interval}, got {value!r}")
 
 
-def _get(config, dotted):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
+def _one_of(config, name, choices):
+    value = get_field(config, name)
+    if value not in choices:
+        raise ConfigError(f"config.{name}: unknown value {value!r}; expected one of "
+                          f"{tuple(choices)}")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
     """Raises :class:`ConfigError` naming the first invalid field."""
-    if config.method not in methods:
-        raise ConfigError(f"config.method: unknown method {config.method!r}; expected one of "
-                          f"{tuple(methods)}")
-    if config.dataset.name not in DATASETS:
-        raise ConfigError(f"config.dataset.name: unknown dataset {config.dataset.name!r}; "
-                          f"expected one of {DATASETS}")
-    if config.model.encoder not in ENCODERS:
-        raise ConfigError(f"config.model.encoder: unknown encoder {config.model.encoder!r}; "
-                          f"expected one of {ENCODERS}")
-    if config.model.fusion not in FUSIONS:
-        raise ConfigError(f"config.model.fusion: unknown fusion {config.model.fusion!r}; "
-                          f"expected one of {FUSIONS}")
-    if config.loss.regression not in ("l1", "mse"):
-        raise ConfigError(f"config.loss.regression must be 'l1' or 'mse', got "
-                          f"{config.loss.regression!r}")
+    _one_of(config, "method", methods)
+    _one_of(config, "dataset.name", DATASETS)
+    _one_of(config, "model.encoder", ENCODERS)
+    _one_of(config, "model.fusion", FUSIONS)
+    _one_of(config, "loss.regression", ("l1", "mse"))
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"config.seed must be an integer in [0, 2**32 - 1], got {seed!r}")
     for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints", "eval.batch_size", "model.d", "model.d_h",
                  "model.num_heads", "optimizer.max_consecutive_nonfinite"):
@@ -73,8 +133,9 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("optimizer.end_lr_factor", 0, None, False, False),
             ("optimizer.weight_decay", 0, None, False, False),
             ("optimizer.grad_clip", 0, None, False, False),
+            ("removal.mask_prob", 0, 1, False, False),
             ("mi.strength", 0, 1, True, True), ("mi.p_clean", 0, 1, False, False),
-            ("mi.mask_prob", 0, 1, False, False), ("mi.ema_beta", 0, 1, False, True),
+            ("mi.ema_beta", 0, 1, False, True),
             ("mi.curv_decay", 0, 1, False, True),
             ("mi.tau", 0, None, True, False), ("mi.reg_weight", 0, None, True, False),
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
@@ -85,15 +146,13 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",
                  "mi.power_iters"):
         _positive_int(config, name)
-    if config.mi.anchor not in ("null", "mean"):
-        raise ConfigError(f"config.mi.anchor must be 'null' or 'mean', got {config.mi.anchor!r}")
-    if config.mi.mask_mode not in ("hard", "soft"):
-        raise ConfigError(f"config.mi.mask_mode must be 'hard' or 'soft', got "
-                          f"{config.mi.mask_mode!r}")
-    for name in ("mi.neumann_terms", "dataset.max_len"):
-        value = _get(config, name)
+    _one_of(config, "mi.anchor", ("null", "mean"))
+    _one_of(config, "mi.mask_mode", ("hard", "soft"))
+    for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps"):
+        value = get_field(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"config.{name} must be an integer >= 0, got {value!r}")
+    _one_of(config, "eval.protocol", ("robustness", "full"))
     if config.dataset.name in ("npz", "cmu_mosi", "cmu_mosei", "iemocap"):
         path = config.dataset.path
         if not path:

@@ -24,29 +24,13 @@ are gloo (the default of ``jax_cpu_collectives_implementation`` in this JAX).
 import os
 
 import jax
-import numpy as np
-from absl import flags
 
-from experiments.config_lib import ConfigError
-
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "host:port of process 0's coordinator service for multi-host runs; 'auto' uses JAX's "
-    "cluster detection. Default: $MODALIMMUNE_COORDINATOR, else a single-process run.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes in a multi-host run ($MODALIMMUNE_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's id in [0, num_processes) ($MODALIMMUNE_PROCESS_ID).")
+from modalimmune_jax.training.errors import ConfigError
 
 ENV_COORDINATOR = "MODALIMMUNE_COORDINATOR"
 ENV_NUM_PROCESSES = "MODALIMMUNE_NUM_PROCESSES"
 ENV_PROCESS_ID = "MODALIMMUNE_PROCESS_ID"
 AUTO = "auto"
-
-
-def _flag_value(flag):
-    # Outside an absl app (tests, notebooks) the flags are unparsed; reading them would raise.
-    return flag.value if flags.FLAGS.is_parsed() else None
 
 
 def _env_value(env, name, *, integer):
@@ -62,7 +46,8 @@ def _env_value(env, name, *, integer):
 
 
 def resolve(coordinator_address=None, num_processes=None, process_id=None, *, environ=None):
-    """The distributed settings, each from the argument, else its flag, else the environment.
+    """The distributed settings, each from the argument (a binary passes its flag), else the
+    environment.
 
     Args:
       coordinator_address: ``host:port`` of process 0, or ``"auto"``.
@@ -79,16 +64,12 @@ def resolve(coordinator_address=None, num_processes=None, process_id=None, *, en
     """
     env = os.environ if environ is None else environ
 
-    def pick(arg, flag, env_name, integer):
-        if arg is not None:
-            return arg
-        if (value := _flag_value(flag)) is not None:
-            return value
-        return _env_value(env, env_name, integer=integer)
+    def pick(arg, env_name, integer):
+        return arg if arg is not None else _env_value(env, env_name, integer=integer)
 
-    coordinator = pick(coordinator_address, _COORDINATOR, ENV_COORDINATOR, False)
-    num = pick(num_processes, _NUM_PROCESSES, ENV_NUM_PROCESSES, True)
-    pid = pick(process_id, _PROCESS_ID, ENV_PROCESS_ID, True)
+    coordinator = pick(coordinator_address, ENV_COORDINATOR, False)
+    num = pick(num_processes, ENV_NUM_PROCESSES, True)
+    pid = pick(process_id, ENV_PROCESS_ID, True)
     if coordinator == AUTO:
         return AUTO, num, pid
     if coordinator is None and num in (None, 1) and pid in (None, 0):
@@ -111,8 +92,8 @@ def resolve(coordinator_address=None, num_processes=None, process_id=None, *, en
 def initialize(coordinator_address=None, num_processes=None, process_id=None) -> bool:
     """Calls ``jax.distributed.initialize`` when a multi-process run is asked for.
 
-    Call it first, before anything touches a JAX backend. Settings come from the arguments, else
-    the flags ``--coordinator_address``, ``--num_processes``, ``--process_id``, else the
+    Call it first, before anything touches a JAX backend. Settings come from the arguments (the
+    binaries pass ``--coordinator_address``, ``--num_processes``, ``--process_id``), else the
     environment (module docstring). Idempotent.
 
     Returns:
@@ -129,32 +110,3 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
                                    process_id=pid)
     return True
-
-
-def make_eval_put_fn(mesh, data_sharding):
-    """Host batch -> device arrays for evaluation, where every process holds the *whole* batch.
-
-    Evaluation reads whole splits on every process and fetches the predictions back to the host.
-    With one process the batch is sharded on ``data`` (data-parallel prediction). With several, a
-    batch-sharded prediction would span other processes' devices and could not be fetched, so the
-    batch is replicated instead: each device predicts the whole batch (redundant work, same
-    numbers). A gather of the predictions (``multihost_utils.process_allgather``) in
-    ``evaluation.predict_split`` would keep multi-host evaluation data-parallel.
-
-    Args:
-      mesh: the global device mesh.
-      data_sharding: the batch sharding used with one process.
-
-    Returns:
-      ``put(batch) -> batch`` of global ``jax.Array``s.
-    """
-    if jax.process_count() == 1:
-        sharding = data_sharding
-    else:
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def put(batch):
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                for k, v in batch.items()}
-
-    return put

@@ -1,0 +1,371 @@
+r"""Prices every part of a training step, as medians over repeated runs in one process (DESIGN §8).
+
+`experiments.benchmark` is its binary. It writes (and prints) one JSON object; every time is a
+median, in seconds, after a warm-up run:
+
+- ``step_s``: one amortized train step of erm, moddrop, consistency and modalimmune, each at the
+  config's settings: the mean over a window of ``lcm(ig_every, curv_every, meta_every)`` steps, so
+  every amortized refresh (IG, Hutchinson, meta-update) falls in it as often as in training;
+- ``modalimmune_step_s``: the modalimmune step at a step with no refresh (``plain``) and at steps
+  where exactly one refresh fires; ``components_s``: what each refresh adds to its step
+  (``controller_refresh``, ``hutchinson_refresh``, ``meta_update``), and ``collapse_regularizer``:
+  the spectral collapse of one modality plus the collapse regularizer, forward and backward, alone;
+- ``curvature_s``: gradient, forward-over-reverse HVP, HVP from a reused linearisation, one Neumann
+  term (the slope of a Neumann solve's time in K, so the fixed costs cancel), of the clean task
+  loss of the real model on a real batch;
+- ``hypergrad_compile_s``: compile time of the implicit hypergradient for K in {5, 20, 80};
+- ``pipeline``: input-pipeline samples/s (the trainer's loader, with and without the device put)
+  against training samples/s;
+- ``memory``: peak host RSS, and the device's peak bytes where the backend reports them;
+- ``ratios`` and ``targets`` (issue #5): reported, never asserted.
+
+The step is the trainer's (`train.make_optimizer`, the method's ``grads``, the same shardings and
+donation), run on pre-placed batches, so step times exclude the input pipeline, measured apart.
+"""
+
+import math
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import data_pipelines
+from modalimmune_jax import curvature, hypergrad, losses, methods, spectral
+from modalimmune_jax.model import collapse_target
+from modalimmune_jax.training import config as config_lib
+from modalimmune_jax.training import files, trainer
+from modalimmune_jax.training import mesh as mesh_lib
+from modalimmune_jax.training import step as step_lib
+
+STEP_METHODS = ("erm", "moddrop", "consistency", "modalimmune")
+HYPERGRAD_TERMS = (5, 20, 80)
+# The per-term cost is the slope between these; far apart, so the slope stands above timing noise.
+NEUMANN_TERMS = (2, 42)
+# Issue #5's targets: (ratio, bound, "le" | "ge").
+TARGETS = {"modalimmune_over_erm_step": (1.3, "le"), "hvp_over_grad": (1.8, "le"),
+           "hypergrad_compile_kmax_over_kmin": (1.5, "le"), "pipeline_over_step": (10.0, "ge")}
+
+
+def _median(fn, repeats):
+    """Median seconds of ``fn()`` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _median_call(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # warm-up: compile and first run
+    return _median(lambda: jax.block_until_ready(fn(*args)), repeats)
+
+
+class _Bench:
+    """The data, model and shardings shared by every measurement."""
+
+    def __init__(self, config, data_dir):
+        self.config = config
+        self.data_dir = data_dir
+        self.mesh = mesh_lib.make_mesh()
+        self.replicated = mesh_lib.replicated(self.mesh)
+        self.put = mesh_lib.make_put_fn(mesh_lib.data_sharding(self.mesh))
+        built = trainer.setup(config, data_dir)
+        self.info, self.build_model, self.apply_fns = built.info, built.build_model, built.apply_fns
+        loader = data_pipelines.make_loader(
+            config.dataset, "train", data_dir=data_dir, batch_size=config.batch_size,
+            seed=config.seed, shuffle=True, num_epochs=None, drop_remainder=True)
+        it = iter(loader)
+        # A few distinct batches, placed once: step times exclude the input pipeline.
+        self.batches = [self.put(next(it)) for _ in range(4)]
+        valid = data_pipelines.load_split(config.dataset, "valid", data_dir=data_dir)
+        self.meta_batch = step_lib.make_meta_batch(valid, config.batch_size, self.put)
+        self.params = nnx.state(self.build_model(jax.random.key(config.seed)), nnx.Param)
+
+    def method_config(self, method):
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+            config.method = method
+        return config
+
+    def step_fn(self, method_name):
+        """``(jitted donated step, initial train_state)`` for `method_name`."""
+        config = self.method_config(method_name)
+        tx, _ = step_lib.make_optimizer(config)
+        method = methods.make_method(method_name, self.apply_fns, info=self.info, config=config)
+        init_fn = step_lib.make_init_fn(self.build_model, tx, method)
+        state = jax.jit(init_fn, out_shardings=self.replicated)(jax.random.key(config.seed))
+        data = mesh_lib.data_sharding(self.mesh)
+        step = jax.jit(step_lib.make_train_step(method, tx), donate_argnums=(0,),
+                       in_shardings=(self.replicated, data, data, None),
+                       out_shardings=(self.replicated, self.replicated))
+        rng_loop = jax.random.key(1)
+        return lambda state, batch, meta_batch: step(state, batch, meta_batch, rng_loop), state
+
+    def at_step(self, state, step):
+        return {**state, "step": jax.device_put(jnp.int32(step), self.replicated)}
+
+    def clean_task(self, params, batch):
+        out = self.apply_fns.apply(params, batch)
+        return jnp.mean(losses.task_loss(out["preds"], batch["label"], task=self.info.task,
+                                         regression_loss=self.config.loss.regression))
+
+
+def refresh_period(mi) -> int:
+    """Steps after which every amortized refresh has fired as often as in training."""
+    periods = [p for on, p in ((mi.controller, mi.ig_every), (mi.curvature, mi.curv_every),
+                               (mi.meta, mi.meta_every)) if on]
+    return math.lcm(*periods) if periods else 1
+
+
+def _refreshes(mi, step) -> frozenset:
+    """The amortized refreshes that fire at `step` (the conditions of ``make_modalimmune``)."""
+    fired = set()
+    if mi.controller and step % mi.ig_every == 0:
+        fired.add("controller_refresh")
+    if mi.curvature and step % mi.curv_every == 0:
+        fired.add("hutchinson_refresh")
+    if mi.meta and step % mi.meta_every == 0 and step > 0:
+        fired.add("meta_update")
+    return frozenset(fired)
+
+
+def time_steps(bench, method_name, *, repeats, calls):
+    """Amortized step time and, for modalimmune, step times by refresh and component costs."""
+    step, state = bench.step_fn(method_name)
+    batches, meta_batch = bench.batches, bench.meta_batch
+    mi = bench.config.mi
+    window = refresh_period(mi) if method_name == "modalimmune" else 20
+    start = refresh_period(mi)  # > 0, so the meta-update fires at its own step as in training
+
+    compile_start = time.perf_counter()
+    compiled_state, _ = step(bench.at_step(state, start), batches[0], meta_batch)
+    jax.block_until_ready(compiled_state)
+    compile_s = time.perf_counter() - compile_start
+    state = compiled_state
+
+    def window_run():
+        nonlocal state
+        state = bench.at_step(state, start)
+        t0 = time.perf_counter()
+        for i in range(window):
+            state, meas = step(state, batches[i % len(batches)], meta_batch)
+        jax.block_until_ready((state, meas))
+        return (time.perf_counter() - t0) / window
+
+    window_run()  # warm-up
+    amortized = statistics.median(window_run() for _ in range(repeats))
+    out = {"step_s": amortized, "window": window, "first_call_s": compile_s}
+    if method_name != "modalimmune":
+        return out
+
+    # The same compiled step at chosen step indices: one with no refresh, one per refresh set.
+    by_set = {}
+    for s in range(1, 4 * start + 1):
+        by_set.setdefault(_refreshes(mi, s), s)
+
+    def at(s):
+        nonlocal state
+        times = []
+        for i in range(calls + 1):  # the first call is a warm-up
+            state = bench.at_step(state, s)
+            t0 = time.perf_counter()
+            state, meas = step(state, batches[i % len(batches)], meta_batch)
+            jax.block_until_ready((state, meas))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    step_times = {"+".join(sorted(k)) or "plain": at(s) for k, s in by_set.items()}
+    out["modalimmune_step_s"] = step_times
+    components = {}
+    for name in ("controller_refresh", "hutchinson_refresh", "meta_update"):
+        alone = step_times.get(name)
+        if alone is not None:
+            components[name] = alone - step_times["plain"]
+        elif f"controller_refresh+{name}" in step_times:  # it only fires with the IG refresh
+            components[name] = (step_times[f"controller_refresh+{name}"]
+                                - step_times["controller_refresh"])
+        else:
+            components[name] = None  # switched off in the config
+    out["components_s"] = components
+    return out
+
+
+def time_collapse_regularizer(bench, *, repeats):
+    """Collapse one modality's embedding, then the collapse regularizer: forward + backward."""
+    mi, mods = bench.config.mi, bench.info.modalities
+    batch, params = bench.batches[0], bench.params
+    z = jax.jit(bench.apply_fns.encode)(params, batch)
+    h_clean, _ = jax.jit(bench.apply_fns.head)(params, z, batch["mask"])
+    target = jax.nn.one_hot(0, len(mods))
+
+    def objective(z):
+        z_hit = collapse_target(z, target, mi.strength, mi.gamma,
+                                collapse_fn=spectral.spectral_collapse)
+        h_col, _ = bench.apply_fns.head(params, z_hit, batch["mask"])
+        return spectral.collapse_regularizer(h_clean, h_col)
+
+    return _median_call(jax.jit(jax.value_and_grad(objective)), z, repeats=repeats)
+
+
+def time_curvature(bench, *, repeats):
+    """Gradient, HVPs and one Neumann term of the clean task loss of the real model."""
+    batch = bench.batches[0]
+    loss_fn = lambda p: bench.clean_task(p, batch)
+    params = bench.params
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
+                                     for k, x in zip(keys, leaves, strict=True)])
+    t_grad = _median_call(jax.jit(jax.grad(loss_fn)), params, repeats=repeats)
+    t_hvp = _median_call(jax.jit(lambda p, u: curvature.hvp(loss_fn, p, u)), params, v,
+                         repeats=repeats)
+    t_lin = _median_call(jax.jit(lambda p, u: curvature.linearized_hvp(loss_fn, p)(u)), params,
+                         v, repeats=repeats)
+
+    def neumann(num_terms):
+        # A given spectrum skips Lanczos: the time is the K-term scan plus one residual HVP.
+        def solve(p, u):
+            x, cert = hypergrad.neumann_inverse_hvp(
+                curvature.linearized_hvp(loss_fn, p), u, num_terms=num_terms, damping=1.0,
+                spectrum=(1.0, 10.0))
+            return x, cert["residual_norm"]
+
+        return _median_call(jax.jit(solve), params, v, repeats=repeats)
+
+    k_lo, k_hi = NEUMANN_TERMS
+    t_lo, t_hi = neumann(k_lo), neumann(k_hi)
+    per_term = (t_hi - t_lo) / (k_hi - k_lo)
+    if per_term <= 0:  # noise beat the slope (a loaded machine): an upper bound instead
+        per_term = t_hi / (k_hi + 1)
+    return {"grad": t_grad, "hvp": t_hvp, "hvp_linearized": t_lin, "neumann_term": per_term}
+
+
+def time_hypergrad_compile(bench, terms=HYPERGRAD_TERMS):
+    """Seconds to compile the implicit hypergradient (Lanczos + K-term Neumann) for each K."""
+    mi, mods = bench.config.mi, bench.info.modalities
+    batch, meta_batch = bench.batches[0], bench.meta_batch
+    phi = {"log_rec_weight": jnp.float32(0.0)}
+
+    def inner(p, f):  # depends on φ through the reconstruction weight, as the trainer's does
+        out = bench.apply_fns.apply(p, batch)
+        rec = jnp.mean(losses.reconstruction_loss(out["recon"],
+                                                  losses.pooled_features(batch, mods)))
+        return bench.clean_task(p, batch) + jnp.exp(f["log_rec_weight"]) * rec
+
+    out = {}
+    for k in terms:
+        fn = jax.jit(lambda p, f, k=k: hypergrad.implicit_hypergradient(
+            inner, lambda q: bench.clean_task(q, meta_batch), p, f, num_terms=k,
+            damping=mi.damping, key=jax.random.key(0), power_iters=mi.power_iters))
+        start = time.perf_counter()
+        fn.lower(bench.params, phi).compile()
+        out[str(k)] = time.perf_counter() - start
+    return out
+
+
+def time_pipeline(bench, *, num_batches):
+    """Input-pipeline samples/s: the trainer's loader, host only and with the device put."""
+    config = bench.config
+    loader = data_pipelines.make_loader(
+        config.dataset, "train", data_dir=bench.data_dir, batch_size=config.batch_size,
+        seed=config.seed + 1, shuffle=True, num_epochs=None, drop_remainder=True)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(it)
+    host = num_batches * config.batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        jax.block_until_ready(bench.put(next(it)))
+    with_put = num_batches * config.batch_size / (time.perf_counter() - start)
+    return {"host_samples_per_s": host, "with_put_samples_per_s": with_put}
+
+
+def memory_stats():
+    """Peak host RSS (MiB) and, where the backend reports it, the device's peak bytes in use."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = jax.devices()[0].memory_stats()
+    out["device_peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
+    return out
+
+
+def run_benchmark(config, *, data_dir, repeats, calls, pipeline_batches,
+                  methods_to_time=STEP_METHODS, hypergrad_terms=HYPERGRAD_TERMS) -> dict:
+    """Every measurement of the module docstring, as one JSON-ready dict."""
+    bench = _Bench(config, data_dir)
+    result = {
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+        "preset": config.preset, "batch_size": config.batch_size,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(bench.params))),
+        "amortization": {k: config.mi[k] for k in (
+            "controller", "curvature", "meta", "ig_every", "curv_every", "meta_every",
+            "neumann_terms", "power_iters", "curv_probes")},
+        "repeats": repeats, "step_s": {}, "first_call_s": {},
+    }
+    for name in methods_to_time:
+        timed = time_steps(bench, name, repeats=repeats, calls=calls)
+        result["step_s"][name] = timed["step_s"]
+        result["first_call_s"][name] = timed["first_call_s"]
+        if name == "modalimmune":
+            result["window_steps"] = timed["window"]
+            result["modalimmune_step_s"] = timed["modalimmune_step_s"]
+            result["components_s"] = timed["components_s"]
+    result.setdefault("components_s", {})["collapse_regularizer"] = time_collapse_regularizer(
+        bench, repeats=max(repeats, calls))
+    result["curvature_s"] = time_curvature(bench, repeats=max(repeats, calls))
+    result["hypergrad_compile_s"] = time_hypergrad_compile(bench, hypergrad_terms)
+    result["pipeline"] = time_pipeline(bench, num_batches=pipeline_batches)
+    steps = result["step_s"]
+    pipeline = result["pipeline"]
+    pipeline["train_samples_per_s"] = {k: config.batch_size / t for k, t in steps.items()}
+    # The pipeline must keep up with every method: compare it with the fastest step.
+    fastest = config.batch_size / min(steps.values())
+    result["memory"] = memory_stats()
+
+    curv = result["curvature_s"]
+    compile_s = result["hypergrad_compile_s"]
+    k_lo, k_hi = str(min(hypergrad_terms)), str(max(hypergrad_terms))
+    ratios = {
+        "hvp_over_grad": curv["hvp"] / curv["grad"],
+        "hvp_linearized_over_grad": curv["hvp_linearized"] / curv["grad"],
+        "neumann_term_over_hvp": curv["neumann_term"] / curv["hvp"],
+        # Compile time flat in K: the Neumann series is a lax.scan (DESIGN §3.4).
+        "hypergrad_compile_kmax_over_kmin": compile_s[k_hi] / compile_s[k_lo],
+        # The loader alone (grain), and with the trainer's device put, which is on the loop's
+        # critical path too.
+        "pipeline_over_step": pipeline["host_samples_per_s"] / fastest,
+        "pipeline_with_put_over_step": pipeline["with_put_samples_per_s"] / fastest,
+    }
+    if "erm" in steps:
+        for name, t in steps.items():
+            if name != "erm":
+                ratios[f"{name}_over_erm_step"] = t / steps["erm"]
+    result["ratios"] = ratios
+    result["targets"] = {
+        name: {"value": ratios[name], "target": bound, "met": bool(
+            ratios[name] <= bound if how == "le" else ratios[name] >= bound)}
+        for name, (bound, how) in TARGETS.items() if name in ratios}
+    return result
+
+
+def benchmark_command(config, out: str, *, fast: bool, repeats: int = 0,
+                      data_dir: str = "") -> str:
+    """`experiments.benchmark`: runs `run_benchmark`, writes `out`, returns the JSON text."""
+    out = config_lib.absolute_path(out)
+    repeats = repeats or (3 if fast else 7)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_benchmark(config, data_dir=config_lib.absolute_path(data_dir) or tmp,
+                               repeats=repeats, calls=5 if fast else 20,
+                               pipeline_batches=200 if fast else 1000)
+    result["fast"] = fast
+    files.write_json(out, result)
+    return files.to_json(result) + f"\nwrote {os.path.abspath(out)}"

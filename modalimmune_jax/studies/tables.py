@@ -1,0 +1,283 @@
+"""Results across seeds: summaries, the acceptance comparison and the markdown tables.
+
+Pure functions of eval.json bodies (and unlearn.json bodies); `studies.suite` runs the jobs and
+calls them. Every number printed comes from `aggregate`'s mean ± std (population std) over seeds.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from modalimmune_jax import robustness
+from modalimmune_jax.metrics import LOWER_IS_BETTER, TABLE_METRICS
+from modalimmune_jax.training.evaluator import CURVE_METRIC, robustness_summary
+
+SUMMARY_KEYS = ("full", "missing", "missing_avg", "missing_mask", "missing_avg_mask",
+                "random_missing", "corruption", "reconstruction")
+# The columns of the field's missing-modality tables (MMSA / MulT / classification papers).
+KIND_TITLES = {"gaussian": "Gaussian", "timestep_drop": "Timestep drop"}
+
+def _drop_strings(tree):
+    # robustness_summary tags each curve with its metric name; summarize_seeds needs numbers only.
+    return {k: _drop_strings(v) if isinstance(v, Mapping) else v
+            for k, v in tree.items() if not isinstance(v, str)}
+
+
+def seed_robustness(eval_result: Mapping, metric: str, reference: Mapping | None = None) -> dict:
+    """One run's robustness summaries, plus each corruption kind averaged over modalities.
+
+    Args:
+      eval_result: a run's eval.json body.
+      metric: the curve metric (``CURVE_METRIC[family]``).
+      reference: the erm eval.json of the same seed, for effective robustness; None for relative
+        robustness only.
+
+    Returns:
+      ``{"random_missing": {"relative"[, "effective"]}, "corruption": {modality: {kind: {...}}},
+      "corruption_avg": {kind: {...}}}`` of Python floats.
+    """
+    rob = _drop_strings(robustness_summary(eval_result, metric, reference=reference))
+    kinds = sorted({k for per_mod in rob["corruption"].values() for k in per_mod})
+    rob["corruption_avg"] = {}
+    for kind in kinds:
+        curves = [per_mod[kind] for per_mod in rob["corruption"].values() if kind in per_mod]
+        rob["corruption_avg"][kind] = {stat: float(np.mean([c[stat] for c in curves]))
+                                       for stat in curves[0]}
+    return rob
+
+
+def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
+              reference: Sequence[Mapping] | None = None) -> dict:
+    """Per run name, every eval.json number as ``{"mean", "std"}`` over seeds.
+
+    Args:
+      evals: ``{name: [eval.json body of seed 0, seed 1, ...]}``.
+      metric: the curve metric for the robustness summaries.
+      reference: the erm eval.json per seed, aligned with each name's list; None skips effective
+        robustness.
+
+    Returns:
+      ``{name: {key: summary}}`` for the eval.json keys in ``SUMMARY_KEYS`` that the runs hold, and
+      ``robustness`` (see `seed_robustness`), each leaf ``{"mean": float, "std": float}`` with
+      the population std (``robustness.summarize_seeds``).
+    """
+    out = {}
+    for name, per_seed in evals.items():
+        # A run may have fewer seeds than erm (the ablation under --fast): seeds 0..n-1 align.
+        if reference is not None and len(reference) < len(per_seed):
+            raise ValueError(f"{name}: {len(per_seed)} seeds but {len(reference)} reference runs")
+        rows = []
+        for k, ev in enumerate(per_seed):
+            row = {key: ev[key] for key in SUMMARY_KEYS if key in ev}
+            row["robustness"] = seed_robustness(
+                ev, metric, reference=None if reference is None else reference[k])
+            rows.append(row)
+        out[name] = robustness.summarize_seeds(rows)
+    return out
+
+
+def compare_to_baselines(results: Mapping, *, metric: str, higher_is_better: bool,
+                         method: str = "modalimmune",
+                         baselines: Sequence[str] = ("erm", "moddrop", "consistency")) -> dict:
+    """The acceptance check of the suite: does `method` beat every baseline on ``missing_avg``?
+
+    ``margin`` is ``method - best baseline`` (sign flipped for lower-is-better metrics, so > 0 is
+    better); ``pooled_std = sqrt((std_method^2 + std_best^2) / 2)``; ``holds`` is
+    ``margin > pooled_std``. ``full_gap_to_erm`` is ``method - erm`` on the full-modality metric
+    (same sign convention).
+    """
+    present = [b for b in baselines if b in results]
+    if method not in results or not present:
+        return {}
+    sign = 1.0 if higher_is_better else -1.0
+    avg = lambda name: results[name]["missing_avg"][metric]
+    best = max(present, key=lambda b: sign * avg(b)["mean"])
+    margin = sign * (avg(method)["mean"] - avg(best)["mean"])
+    pooled = float(np.sqrt((avg(method)["std"] ** 2 + avg(best)["std"] ** 2) / 2))
+    out = {"metric": metric, "best_baseline": best, "margin": float(margin),
+           "pooled_std": pooled, "holds": bool(margin > pooled)}
+    if "erm" in results:
+        full = lambda name: results[name]["full"][metric]["mean"]
+        out["full_gap_to_erm"] = float(sign * (full(method) - full("erm")))
+    return out
+
+
+def is_percent(metric: str) -> bool:
+    """Accuracies and F1 scores print as percentages; MAE, Corr and the like as raw numbers."""
+    lowered = metric.lower()
+    return "acc" in lowered or "f1" in lowered
+
+
+def format_stat(stat: Mapping[str, float], metric: str, *, signed: bool = False) -> str:
+    """``{"mean", "std"}`` -> ``"97.3 ± 0.4"`` (percent, 1 decimal) or ``"0.712 ± 0.010"``."""
+    scale, digits = (100.0, 1) if is_percent(metric) else (1.0, 3)
+    sign = "+" if signed else ""
+    # Rounding first, then adding +0.0, turns a float-noise "-0.0" (erm's ER against itself) into 0.
+    mean = round(stat["mean"] * scale, digits) + 0.0
+    return f"{mean:{sign}.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def missing_table(results: Mapping, *, names: Sequence[str], modalities: Sequence[str],
+                  metric: str) -> tuple[list[str], list[list[str]]]:
+    """Rows = run names; columns = Full, each missing condition (kept modalities), Avg."""
+    conditions = [c for c, _ in robustness.missing_conditions(modalities)]
+    header = ["Method", "Full", *conditions, "Avg"]
+    rows = [[name, format_stat(results[name]["full"][metric], metric),
+             *(format_stat(results[name]["missing"][c][metric], metric) for c in conditions),
+             format_stat(results[name]["missing_avg"][metric], metric)] for name in names]
+    return header, rows
+
+
+def robustness_table(results: Mapping, *, names: Sequence[str],
+                     metric: str) -> tuple[list[str], list[list[str]]]:
+    """Rows = run names; RR and ER under random missing and each corruption kind (modality avg)."""
+    kinds = sorted({k for name in names for k in results[name]["robustness"]["corruption_avg"]})
+    blocks = [("Random missing", lambda r: r["random_missing"])]
+    blocks += [(KIND_TITLES.get(k, k), lambda r, k=k: r["corruption_avg"][k]) for k in kinds]
+    header = ["Method"]
+    for title, _ in blocks:
+        header += [f"{title} RR", f"{title} ER"]
+    rows = []
+    for name in names:
+        row = [name]
+        for _, get in blocks:
+            stats = get(results[name]["robustness"])
+            row.append(format_stat(stats["relative"], metric))
+            row.append(format_stat(stats["effective"], metric, signed=True)
+                       if "effective" in stats else "—")
+        rows.append(row)
+    return header, rows
+
+
+def _flat_scalars(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def unlearning_table(unlearning: Mapping[str, Mapping], *,
+                     metric: str) -> tuple[list[str], list[list[str]]]:
+    """Rows = unlearning methods; forget quality, retained `metric` and wall time (one seed)."""
+    flat = {name: _flat_scalars(r) for name, r in unlearning.items()}
+    keys = sorted({k for f in flat.values() for k in f
+                   if k.startswith("forget_quality/") or k == "wall_time_s"
+                   or (k.startswith("retained/") and k.rsplit("/", 1)[-1] == metric)})
+    rows = [[name, *(f"{f[k]:.3f}" if k in f else "—" for k in keys)] for name, f in flat.items()]
+    return ["Method", *keys], rows
+
+
+def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequence[str],
+                  family: str, num_seeds: int, title: str = "Results") -> str:
+    """table.md: the missing-modality table per main metric, the robustness table, unlearning.
+
+    Rows run on fewer seeds than ``num_seeds`` (``_meta.seeds_per_run``) are marked with their
+    count; ``_meta.comparison`` (`compare_to_baselines`) is stated under the first table.
+    """
+    seeds = f"mean ± std over {num_seeds} seed{'s' if num_seeds != 1 else ''}"
+    per_run = results.get("_meta", {}).get("seeds_per_run", {})
+
+    def table(header_rows):
+        header, rows = header_rows
+        for row in rows:
+            n = per_run.get(row[0], num_seeds)
+            if n != num_seeds:
+                row[0] = f"{row[0]} ({n} seed{'s' if n != 1 else ''})"
+        return _markdown(header, rows) + "\n"
+
+    curve = CURVE_METRIC[family]
+    n_cond = len(robustness.missing_conditions(modalities))
+    parts = [f"# {title}\n"]
+    number = 0
+    for metric in TABLE_METRICS[family]:
+        number += 1
+        unit = " (%)" if is_percent(metric) else ""
+        parts.append(
+            f"**Table {number}.** Test-split `{metric}`{unit} with modalities missing; {seeds} "
+            f"(population std). Full: every modality present. Each further column keeps only the "
+            f"named modalities; the others are zero-filled with the presence mask left at 1 "
+            f"(`zero` protocol, DESIGN.md §5). Avg: the mean over the {n_cond} missing "
+            f"conditions.\n")
+        parts.append(table(missing_table(results, names=names, modalities=modalities,
+                                         metric=metric)))
+        cmp = results.get("_meta", {}).get("comparison", {})
+        if number == 1 and cmp:
+            verdict = "more" if cmp["holds"] else "not more"
+            # Without an erm run there is no gap to state (0.0 would read as a measurement).
+            gap = ("" if "full_gap_to_erm" not in cmp else
+                   f" Full-modality gap to erm: {cmp['full_gap_to_erm']:+.4f} (positive is "
+                   "better).")
+            parts.append(
+                f"modalimmune's Avg against the best baseline ({cmp['best_baseline']}): margin "
+                f"{cmp['margin']:+.4f}, pooled std {cmp['pooled_std']:.4f}, so {verdict} than the "
+                f"pooled std.{gap}\n")
+    number += 1
+    unit = " (%)" if is_percent(curve) else ""
+    parts.append(
+        f"**Table {number}.** Robustness on the test split, from the `{curve}`{unit} curves; "
+        f"{seeds}. RR (relative robustness, MultiBench): the area under the metric-vs-level curve "
+        f"divided by the level range (random missing: rates 0.0-0.7 per sample and modality, at "
+        f"least one kept, `zero` protocol; corruption: levels 0.0-0.9 of one modality at a time, "
+        f"averaged over the {len(modalities)} modalities). ER (effective robustness): the same "
+        f"area for the gap to the erm curve of the same seed shifted to match at level 0, so erm "
+        f"scores 0 and positive is more robust than erm.\n")
+    parts.append(table(robustness_table(results, names=names, metric=curve)))
+    if results.get("unlearning"):
+        metric = TABLE_METRICS[family][0]
+        number += 1
+        parts.append(
+            f"**Table {number}.** Modality unlearning on the erm seed-0 run, one seed, test split: "
+            f"forget quality (probe and alone accuracy on the forgotten modality, its information "
+            f"gain), retained `{metric}` and wall time (s). See `experiments/unlearn.py`.\n")
+        parts.append(_markdown(*unlearning_table(results["unlearning"], metric=metric)) + "\n")
+    return "\n".join(parts)
+
+
+def compact_rows(results: Mapping, *, names: Sequence[str], metric: str) -> list[list[str]]:
+    """Per run: full, missing Avg under `zero` and `mask`, and each protocol's worst condition."""
+    rows = []
+    for name in names:
+        r = results[name]
+        row = [name, format_stat(r["full"][metric], metric)]
+        for suffix in ("", "_mask"):
+            per = r.get("missing" + suffix) or {}
+            if not per:
+                row += ["—", "—"]
+                continue
+            pick = max if metric in LOWER_IS_BETTER else min
+            worst = pick(per, key=lambda c: per[c][metric]["mean"])
+            row += [format_stat(r["missing_avg" + suffix][metric], metric),
+                    f"{worst} {format_stat(per[worst][metric], metric)}"]
+        rows.append(row)
+    return rows
+
+
+def suite_summary(results: Mapping, *, out: str) -> str:
+    """The closing block of `experiments.reproduce`: a compact table and the files written."""
+    meta = results["_meta"]
+    metric = meta["table_metrics"][0]
+    names = [n for n in meta["runs"] if n in results]
+    header = ["Method", f"Full {metric}", "Avg (zero)", "worst (zero)", "Avg (mask)",
+              "worst (mask)"]
+    rows = compact_rows(results, names=names, metric=metric)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w)
+                                   for c, w in zip(cells, widths, strict=True)).rstrip()
+    seeds = len(meta["seeds"])
+    text = [f"reproduce finished: {meta['suite']}, {meta['steps']} steps per run, {seeds} "
+            f"seed{'s' if seeds != 1 else ''} (mean ± std; test split)", line(header)]
+    text += [line(row) for row in rows]
+    text += ["", f"table.md      {os.path.join(out, 'table.md')}",
+             f"results.json  {os.path.join(out, 'results.json')}",
+             f"plots         {os.path.join(out, 'plots', 'random_missing.png')} (and more)"]
+    return "\n".join(text)

@@ -1,0 +1,107 @@
+"""The optimizer and the pure train step every method shares (DESIGN.md §3.6 for ModalImmune's).
+
+``train_state`` is a dict ``{"step", "params", "opt_state", "extra"}`` of plain pytrees, where
+``extra`` is the method's own state (controller, curvature EMA, meta-parameters; ``{}`` for the
+baselines). The step is jitted once over global arrays (batch sharded on ``data``, state
+replicated) with the state donated.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+# Large enough that optax.apply_if_finite never applies a non-finite update itself: the loop
+# aborts first, at config.optimizer.max_consecutive_nonfinite, with the last finite params saved.
+_NEVER = 2**30
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+    """``(tx, schedule)``: adamw with warmup-cosine, global-norm clipping, non-finite skips.
+
+    A run no longer than its warmup warms up for all but its last step: optax's cosine part needs
+    at least one decay step (``num_steps <= warmup_steps`` raised a ValueError before).
+    """
+    opt = config.optimizer
+    warmup_steps = max(0, min(opt.warmup_steps, config.num_steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup_steps,
+        decay_steps=config.num_steps, end_value=opt.lr * opt.end_lr_factor)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, weight_decay=opt.weight_decay))
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
+
+
+def make_train_step(method, tx, schedule=None):
+    """``train_step(train_state, batch, meta_batch, rng_loop) -> (train_state, measurements)``.
+
+    Pure, for one ``jax.jit`` over global arrays (batch sharded on `data`, params replicated):
+    every batch statistic inside it (the controller's IG, the collapse and regularizer spectra,
+    the HVPs of Hutchinson, Lanczos and Neumann) is computed on the GLOBAL batch, with GSPMD
+    inserting the cross-device reductions (tests/test_distributed.py: 8 devices == 1 device).
+    ``rng_loop`` is an argument, not a closure constant, so that every seed shares one compiled
+    program (and one persistent-cache entry); each step's key is ``fold_in(rng_loop, step)``, so a
+    resumed run draws exactly what an uninterrupted one would. ``schedule`` (step -> lr) only adds
+    ``lr`` to the measurements.
+    """
+
+    def train_step(train_state, batch, meta_batch, rng_loop):
+        step = train_state["step"]
+        rng_step = jax.random.fold_in(rng_loop, step)
+        params = train_state["params"]
+        grads, extra, meas = method.grads(params, train_state["extra"], batch, rng_step,
+                                          step=step, meta_batch=meta_batch)
+        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A skipped update skips the method's state too: one NaN batch must not leave a NaN
+        # gain EMA or curvature EMA behind for the rest of the run (README "Reliability").
+        extra = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), extra,
+                             train_state["extra"])
+        meas.update(
+            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            skipped=1 - opt_state.last_finite.astype(jnp.int32),
+            consecutive_skips=opt_state.notfinite_count,
+            total_skips=opt_state.total_notfinite)
+        if schedule is not None:
+            meas["lr"] = schedule(step)
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state,
+                "extra": extra}, meas
+
+    return train_step
+
+
+def make_init_fn(build_model, tx, method):
+    """``init_fn(rng_init, params=None) -> train_state``, pure, for `jax.eval_shape` and `jax.jit`.
+
+    Args:
+      build_model: ``rng -> nnx.Module`` (the model of `trainer.setup`).
+      tx: the optimizer.
+      method: the training `Method`.
+
+    ``params``, when given, is the pytree to start from instead of the model's random init (the
+    "configured init" of a run: unlearning starts from a trained model's params); it is an
+    argument rather than a closure constant so that jit does not bake it into the program.
+    """
+
+    def init_fn(rng_init, params=None):
+        if params is None:
+            params = nnx.state(build_model(rng_init), nnx.Param)
+        return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+                "extra": method.init(params)}
+
+    return init_fn
+
+
+def make_meta_batch(valid_arrays, batch_size, put):
+    """The fixed held-out batch of the hypergradient's robust validation loss (DESIGN.md §3.4).
+
+    The first ``n_meta = min(batch_size, len(valid))`` rows of valid, rounded down to the device
+    count, as global arrays; each process puts its own slice (not the same first rows twice).
+    """
+    n_meta = min(batch_size, len(valid_arrays["label"]))
+    n_meta -= n_meta % jax.device_count()
+    rows = n_meta // jax.process_count()
+    lo = jax.process_index() * rows
+    return put({k: v[lo:lo + rows] for k, v in valid_arrays.items()})

@@ -1,0 +1,419 @@
+"""The trainer: one loop for every method, with resume, evaluation and the run's files.
+
+`train(config, workdir)` runs in labelled sections (big_vision's ``train.py``):
+
+1. workdir and logging; 2. mesh; 3. input pipeline; 4. model and optimizer as abstract shapes;
+5. ``jit(init, out_shardings=...)``; 6. the update step, jitted with the state donated;
+7. restore (the workdir's own checkpoint, else the configured init, else from scratch);
+8. evaluators; 9. the loop; 10. the final evaluation.
+
+Callers that must vary what the trainer does pass `Hooks` (a model of their own, the forget gate
+of unlearning, a method that is not in the registry, a stand-in batch for a test) instead of
+swapping module attributes. Writes into the workdir: ``config.json``, ``metrics.jsonl``,
+``checkpoints/``, ``eval.json`` and, with ``config.profile_steps``, ``profile/``.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from tqdm import tqdm
+
+import data_pipelines
+from modalimmune_jax import methods
+from modalimmune_jax.model import create_model, make_apply_fns
+from modalimmune_jax.spectral import spectral_collapse
+from modalimmune_jax.training import checkpoint, files, summary
+from modalimmune_jax.training import config as config_lib
+from modalimmune_jax.training import mesh as mesh_lib
+from modalimmune_jax.training.errors import CheckpointError, ConfigError, TrainingDiverged
+from modalimmune_jax.training.evaluator import Evaluator, feature_stds
+from modalimmune_jax.training.step import (
+    make_init_fn,
+    make_meta_batch,
+    make_optimizer,
+    make_train_step,
+)
+
+
+class Hooks(NamedTuple):
+    """What a caller may vary in a run, each optional.
+
+    Attributes:
+      build_model: ``(info, model_cfg, rngs) -> nnx.Module`` instead of `model.create_model`:
+        a model of your own, with ``encode``, ``fuse``, ``predict`` and ``reconstruct`` (the
+        contract of `model.make_apply_fns`; README "Your own model").
+      wrap_apply_fns: ``(apply_fns, info) -> apply_fns``, e.g. the forget gate of unlearning
+        (retrain-without-m), applied in training and evaluation alike.
+      make_method: ``(apply_fns, info, config) -> Method`` instead of the registry's
+        ``config.method`` (the unlearning objectives).
+      init_params: a params pytree to start from when the workdir has no checkpoint (unlearning
+        starts from a trained model).
+      map_batch: ``(step, host_batch) -> host_batch`` before the device put (a test's stand-in
+        batch, e.g. one with NaN).
+      make_loader: the training loader's factory, with the signature of
+        `data_pipelines.make_loader` (a test reads the global batch as N hosts would).
+    """
+
+    build_model: Callable | None = None
+    wrap_apply_fns: Callable | None = None
+    make_method: Callable | None = None
+    init_params: Any = None
+    map_batch: Callable | None = None
+    make_loader: Callable | None = None
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run, `evaluate` and the studies share: the data, the model and its pure functions."""
+
+    info: Any  # data_pipelines.DatasetInfo
+    data_dir: str
+    build_model: Callable  # rng -> nnx.Module
+    apply_fns: Any  # model.ApplyFns
+
+
+@dataclasses.dataclass
+class Outcome:
+    """A finished run: eval.json's body and what the closing summary reports."""
+
+    results: dict
+    workdir: str
+    family: str  # the dataset's metric family (metrics.FAMILIES)
+    resumed_from: int | None
+    files: dict[str, str]
+    params: Any = None  # the evaluated params: best on valid, or the last (config.eval.keep_best)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks = NO_HOOKS) -> Setup:
+    """Validates the config and builds the data, model and pure functions (no workdir writes).
+
+    The dataset is built into ``config.dataset.data_dir`` (default ``<workdir>/data``) on first
+    use. Raises `ConfigError` naming the field for a bad config.
+    """
+    config_lib.validate_config(config, methods=methods.METHODS)
+    data_dir = config.dataset.data_dir or os.path.join(workdir, "data")
+    info = data_pipelines.prepare(config.dataset, data_dir=data_dir)
+    if config.batch_size > info.split_sizes["train"]:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the training split "
+            f"({info.split_sizes['train']} examples)")
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    for name in ("batch_size", "eval.batch_size"):
+        value = config_lib.get_field(config, name)
+        if value % n_dev or value % n_proc:
+            raise ConfigError(
+                f"config.{name}={value} must be divisible by the device count ({n_dev}) and "
+                f"the process count ({n_proc}) for data-parallel training")
+    make = hooks.build_model or create_model
+
+    def build_model(rng):
+        return make(info, config.model, rngs=nnx.Rngs(params=rng))
+
+    abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    apply_fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+    if hooks.wrap_apply_fns is not None:
+        apply_fns = hooks.wrap_apply_fns(apply_fns, info)
+    return Setup(info, data_dir, build_model, apply_fns)
+
+
+def _method(config, built: Setup, hooks: Hooks):
+    if hooks.make_method is not None:
+        return hooks.make_method(built.apply_fns, built.info, config)
+    return methods.make_method(config.method, built.apply_fns, info=built.info, config=config)
+
+
+def make_evaluator(config, built: Setup, mesh) -> Evaluator:
+    """The run's evaluator; the corruption noise is scaled by the train split's feature std."""
+    train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=built.data_dir)
+    return Evaluator(built.apply_fns, built.info, batch_size=config.eval.batch_size,
+                     put_fn=mesh_lib.make_eval_put_fn(mesh), seed=config.seed,
+                     feature_std=feature_stds(train_arrays, built.info.modalities))
+
+
+def _measurements(meas) -> dict:
+    return {k: float(v) for k, v in jax.device_get(meas).items()}
+
+
+class _Profile:
+    """A `jax.profiler` trace of steps ``[start, start + n)`` into ``workdir/profile``."""
+
+    def __init__(self, workdir, start, num_steps):
+        self.folder = os.path.join(workdir, "profile")
+        self.start, self.stop = start, start + num_steps
+        self.active = False
+
+    def before(self, step):
+        if self.stop > self.start and step == self.start:
+            jax.profiler.start_trace(self.folder)
+            self.active = True
+
+    def after(self, step, out):
+        if self.active and step + 1 == self.stop:
+            jax.block_until_ready(out)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          hooks: Hooks = NO_HOOKS) -> Outcome:
+    """Trains to ``config.num_steps`` (resuming if possible), evaluates, writes the run's files.
+
+    Args:
+      config: the run's config (`experiments/configs/`), paths already absolute
+        (`config.resolve_config`, done by the binaries).
+      workdir: the run's folder; a rerun with the same folder resumes.
+      progress: show the step progress bar.
+      hooks: see `Hooks`.
+
+    Returns:
+      An `Outcome`; ``results`` is eval.json's body.
+    """
+    # 1. Workdir and logging. Everything checkable is checked before the workdir is touched.
+    is_main = jax.process_index() == 0
+    config_lib.validate_config(config, methods=methods.METHODS)
+    config_lib.check_workdir(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    config_lib.check_workdir_compatible(config_path, config)
+
+    # 2. Mesh: batch sharded on `data`, params replicated.
+    mesh = mesh_lib.make_mesh()
+    data_sharding, replicated = mesh_lib.data_sharding(mesh), mesh_lib.replicated(mesh)
+    put = mesh_lib.make_put_fn(data_sharding)
+
+    # 3. Input pipeline.
+    built = setup(config, workdir, hooks)
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        files.write_json(config_path, config.to_dict())
+    make_loader = hooks.make_loader or data_pipelines.make_loader
+    train_iter = iter(make_loader(
+        config.dataset, "train", data_dir=built.data_dir,
+        batch_size=config.batch_size // jax.process_count(), seed=config.seed, shuffle=True,
+        num_epochs=None, drop_remainder=True, shard_index=jax.process_index(),
+        shard_count=jax.process_count()))
+    valid_arrays = data_pipelines.load_split(config.dataset, "valid", data_dir=built.data_dir)
+    test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=built.data_dir)
+
+    # 4. Model and optimizer, as abstract shapes first.
+    rng = jax.random.key(config.seed)
+    rng_init, rng_loop = jax.random.split(rng)
+    del rng
+    tx, schedule = make_optimizer(config)
+    method = _method(config, built, hooks)
+    init_fn = make_init_fn(built.build_model, tx, method)
+    abstract_state = jax.eval_shape(init_fn, rng_init, hooks.init_params)
+
+    # 5. Initialise directly into the replicated layout.
+    train_state = jax.jit(init_fn, out_shardings=replicated)(rng_init, hooks.init_params)
+    # A copy: train_state is donated to the step, which would delete buffers shared with it.
+    best_params = jax.tree.map(jnp.copy, train_state["params"])
+
+    # 6. The update step, jitted over global arrays (batch sharded on `data`, params replicated).
+    train_step = jax.jit(make_train_step(method, tx, schedule), donate_argnums=(0,),
+                         # rng_loop: a host-local key (the same on every process), replicated.
+                         in_shardings=(replicated, data_sharding, data_sharding, None),
+                         out_shardings=(replicated, replicated))
+    meta_batch = make_meta_batch(valid_arrays, config.batch_size, put)
+
+    # 7. Restore: the workdir's own latest checkpoint, else the configured init or scratch.
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    abstract_ckpt = checkpoint.abstract_checkpoint(abstract_state, replicated)
+    restored, meta = checkpoint.restore_latest(mngr, abstract_ckpt, train_iter)
+    meta = meta or {"best_value": None, "best_step": None}
+    resumed_from = None
+    if restored is not None:
+        train_state, best_params = restored["train"], restored["best_params"]
+        resumed_from = int(train_state["step"])
+        print(f"resumed from step {resumed_from} ({workdir})", file=sys.stderr)
+    start_step = int(train_state["step"])
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_main:
+        files.truncate_jsonl(metrics_path, max_step=start_step)
+
+    # 8. Evaluators.
+    evaluator = make_evaluator(config, built, mesh)
+    data_state = train_iter.get_state()
+
+    def save(step):
+        checkpoint.save(mngr, step, state={"train": train_state, "best_params": best_params},
+                        data_state=data_state, meta=meta)
+
+    # 9. The loop. Batches are read and put on the devices one step ahead, in a thread.
+    def host_batches():
+        for step in range(start_step, config.num_steps):
+            batch = next(train_iter)
+            yield batch if hooks.map_batch is None else hooks.map_batch(step, batch)
+
+    class _Batches:  # the prefetcher's view: batches plus the iterator state after each
+        def __init__(self):
+            self._it = host_batches()
+
+        def __next__(self):
+            return next(self._it)
+
+        def get_state(self):
+            return train_iter.get_state()
+
+    profile = _Profile(workdir, start_step + 1, config.profile_steps)
+    batches = mesh_lib.prefetch(_Batches(), put)
+    log_file = open(metrics_path, "a") if is_main else None  # noqa: SIM115
+    t0 = time.time()
+    try:
+        for step in tqdm(range(start_step, config.num_steps), initial=start_step,
+                         total=config.num_steps, disable=not (is_main and progress), desc="train",
+                         dynamic_ncols=True):
+            data_state, batch = next(batches)
+            profile.before(step)
+            train_state, meas = train_step(train_state, batch, meta_batch, rng_loop)
+            profile.after(step, train_state)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                record = _measurements(meas)
+                record.update(step=done, elapsed_s=time.time() - t0)
+                if is_main:
+                    log_file.write(files.json_line(record))
+                    log_file.flush()
+                if record["consecutive_skips"] >= config.optimizer.max_consecutive_nonfinite:
+                    save(done)
+                    raise TrainingDiverged(
+                        f"{int(record['consecutive_skips'])} consecutive non-finite updates at "
+                        f"step {done}; the last finite params are checkpointed in {workdir}. "
+                        "Lower config.optimizer.lr or check the data for NaN/inf.")
+            if done % config.eval_every == 0 or done == config.num_steps:
+                valid = evaluator.full(train_state["params"], valid_arrays)
+                value = evaluator.primary(valid)
+                if evaluator.is_better(value, meta["best_value"]) or not config.eval.keep_best:
+                    meta = {"best_value": value, "best_step": done}
+                    best_params = jax.tree.map(jnp.copy, train_state["params"])
+                if is_main:
+                    log_file.write(files.json_line(
+                        {"step": done, **{f"valid/{k}": v for k, v in valid.items()},
+                         "valid/best": meta["best_value"]}))
+                    log_file.flush()
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                save(done)
+    finally:
+        batches.close()
+        profile.close()
+        if log_file is not None:
+            log_file.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+    # 10. Final evaluation of the selected params (best on valid, or the last) on test.
+    results = evaluator.protocol(best_params, test_arrays, kind=config.eval.protocol)
+    results["best_step"] = meta["best_step"]
+    results["valid_best"] = meta["best_value"]
+    written = {"eval": os.path.join(workdir, "eval.json"), "metrics": metrics_path,
+               "checkpoints": os.path.join(workdir, "checkpoints"), "config": config_path}
+    if config.profile_steps:
+        written["profile"] = profile.folder
+    if is_main:
+        files.write_json(written["eval"], results)
+    return Outcome(results, workdir, built.info.metric_family, resumed_from, written, best_params)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True, hooks: Hooks = NO_HOOKS) -> dict:
+    """`train`, returning eval.json's body."""
+    return train(config, workdir, progress=progress, hooks=hooks).results
+
+
+# ------------------------------------------------------------------------------ a finished run
+
+
+@dataclasses.dataclass
+class Trained:
+    """A finished run, restored: its config, data, model and best-on-valid params."""
+
+    config: ml_collections.ConfigDict
+    setup: Setup
+    params: Any
+    meta: dict
+    step: int
+    mesh: Any
+
+
+def load_trained(workdir: str, hooks: Hooks = NO_HOOKS) -> Trained:
+    """Restores the best-on-valid params of `workdir`'s latest checkpoint, shapes checked.
+
+    The abstract target is built exactly as in training (same optimizer and method state), so
+    the restore checks every shape. Shared by `evaluate_workdir`, the studies and unlearning.
+    """
+    config = config_lib.load_config(workdir)
+    mesh = mesh_lib.make_mesh()
+    replicated = mesh_lib.replicated(mesh)
+    built = setup(config, workdir, hooks)
+    tx, _ = make_optimizer(config)
+    init_fn = make_init_fn(built.build_model, tx, _method(config, built, hooks))
+    abstract = checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
+                                              replicated)
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    try:
+        if mngr.latest_step() is None:
+            raise ConfigError(f"--workdir={workdir}: no checkpoint to restore")
+        state, meta, step = checkpoint.restore_state(mngr, abstract)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise CheckpointError(f"--workdir={workdir}: the latest checkpoint cannot be read "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    finally:
+        mngr.close()
+    return Trained(config, built, state["best_params"], meta, step, mesh)
+
+
+def evaluate_workdir(workdir: str, split: str = "test") -> Outcome:
+    """Re-evaluates the best-on-valid params of `workdir` on `split`; writes eval[_valid].json.
+
+    ``test`` rewrites ``eval.json``; ``valid`` writes ``eval_valid.json`` (for choosing
+    hyperparameters without touching test).
+    """
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split={split!r}: expected 'test' or 'valid'")
+    run = load_trained(workdir)
+    evaluator = make_evaluator(run.config, run.setup, run.mesh)
+    arrays = data_pipelines.load_split(run.config.dataset, split, data_dir=run.setup.data_dir)
+    results = evaluator.protocol(run.params, arrays, kind=run.config.eval.protocol)
+    results["best_step"] = run.meta["best_step"]
+    results["valid_best"] = run.meta["best_value"]
+    path = os.path.join(workdir, "eval.json" if split == "test" else f"eval_{split}.json")
+    if jax.process_index() == 0:
+        files.write_json(path, results)
+    return Outcome(results, workdir, run.setup.info.metric_family, None, {"eval": path},
+                   run.params)
+
+
+# ---------------------------------------------------------------------- the binaries' one call
+
+
+def train_command(config: ml_collections.ConfigDict, workdir: str, *,
+                  hooks: Hooks = NO_HOOKS) -> str:
+    """`experiments.train`: resolves the paths, trains, returns the closing summary."""
+    outcome = train(config_lib.resolve_config(config), config_lib.absolute_path(workdir),
+                    hooks=hooks)
+    return summary.run_summary(outcome, family=outcome.family, title="train finished")
+
+
+def evaluate_command(workdir: str, split: str) -> str:
+    """`experiments.evaluate`: re-evaluates a workdir's checkpoint, returns the summary."""
+    outcome = evaluate_workdir(config_lib.absolute_path(workdir), split)
+    return summary.run_summary(outcome, family=outcome.family,
+                               title=f"evaluate finished ({split} split)")

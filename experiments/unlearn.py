@@ -119,7 +119,7 @@ def _merge_hparams(hparams) -> ml_collections.ConfigDict:
         except KeyError as e:
             raise ConfigError(f"hparams: {e.args[0]}") from None
     checks = [("steps", hp.steps >= 0), ("batch_size", hp.batch_size >= 0), ("lr", hp.lr > 0),
-              ("mask_prob", 0.0 <= hp.mask_prob <= 1.0), ("log_every", hp.log_every > 0),
+              ("log_every", hp.log_every > 0),
               ("ccu.temperature", hp.ccu.temperature > 0),
               ("manu.fraction", 0.0 <= hp.manu.fraction <= 1.0)]
     for name, ok in checks:
@@ -233,6 +233,7 @@ def _fit(run: _Run, params, loss_fn, *, frozen, project_fn=None):
 
 def _retain_loss(run, apply_fns):
     return unlearning.make_retain_loss(apply_fns, info=run.info, index=run.index, hparams=run.hp,
+                                       mask_prob=run.config.removal.mask_prob,
                                        regression_loss=run.config.loss.regression)
 
 
@@ -274,14 +275,16 @@ def _run_neggrad(run, original):
                                        num_classes=run.info.num_classes,
                                        regression_loss=run.config.loss.regression)
     loss_fn = unlearning.make_neggrad_loss(
-        run.apply_fns, info=run.info, index=run.index, hparams=run.hp, max_forget_loss=clamp,
+        run.apply_fns, info=run.info, index=run.index, hparams=run.hp,
+        mask_prob=run.config.removal.mask_prob, max_forget_loss=clamp,
         regression_loss=run.config.loss.regression)
     return _fit(run, original, loss_fn, frozen=original), False, {"max_forget_loss": clamp}
 
 
 def _run_ccu(run, original):
     loss_fn = unlearning.make_ccu_loss(run.apply_fns, info=run.info, index=run.index,
-                                       hparams=run.hp, regression_loss=run.config.loss.regression)
+                                       hparams=run.hp, mask_prob=run.config.removal.mask_prob,
+                                       regression_loss=run.config.loss.regression)
     return _fit(run, original, loss_fn, frozen=original), False, {}
 
 

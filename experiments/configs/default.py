@@ -112,7 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.removal.mask_prob = 0.5
 
     config.moddrop = ml_collections.ConfigDict()
-    # Each modality is zero-filled (mask 0) with this probability, keeping at least one.
+    # Each modality is removed with this probability, keeping at least one; whether a removal is
+    # also flagged in the mask is config.removal.mask_prob's business, as for every method.
     config.moddrop.p = 0.3
 
     config.consistency = ml_collections.ConfigDict()

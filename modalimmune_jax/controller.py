@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.interventions import remove_for_training
 
 
 def information_gain(
@@ -22,15 +22,20 @@ def information_gain(
     batch: Mapping[str, jax.Array],
     *,
     modalities: Sequence[str],
+    key: jax.Array,
+    mask_prob: jax.typing.ArrayLike,
 ) -> jax.Array:
     """Signed leave-one-out information gain of every modality on one batch.
 
-    ``IG_m = mean_b[loss(x without m)_b] - mean_b[loss(x)_b]``, where "without m" zero-fills
-    modality m and sets its mask column to 0 (``drop_modalities(..., set_mask=True)``, the
-    training-intervention protocol of DESIGN §2). Positive: the model needs m; zero: it ignores m;
-    negative: removing m helps (e.g. m carries noise the model has fitted). No squaring, no
-    clipping. Computed under ``stop_gradient``, with M + 1 forward passes run as one ``lax.map``
-    over keep-vectors (one traced forward pass, whatever M).
+    ``IG_m = mean_b[loss(x without m)_b] - mean_b[loss(x)_b]``, where "without m" is the shared
+    training-time removal (``interventions.remove_for_training``, DESIGN.md §2): modality m is
+    zero-filled and, for each example with probability ``mask_prob``, also flagged absent (mask
+    column 0). Every leave-one-out pass uses the same `key`, so the same examples are flagged
+    whichever modality is left out: the M gains differ only in the modality removed, not in the
+    flag draw. Positive: the model needs m; zero: it ignores m; negative: removing m helps (e.g.
+    m carries noise the model has fitted). No squaring, no clipping. Computed under
+    ``stop_gradient``, with M + 1 forward passes run as one ``lax.map`` over keep-vectors (one
+    traced forward pass, whatever M).
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` returning the per-example loss ``[B]`` (or any shape;
@@ -40,22 +45,28 @@ def information_gain(
         batch: dict with one array per modality (``[B, T_m, D_m]`` or ``[B, D_m]``), ``"mask"``
             ``[B, M] float32``, the label and any other keys.
         modalities: the M modality names, in the column order of ``batch["mask"]``.
+        key: PRNG key for the per-example mask flags of the removal rule.
+        mask_prob: scalar in ``[0, 1]``, ``config.removal.mask_prob``: 0 leaves the mask at 1
+            (the `zero` protocol), 1 flags every removal (the `mask` protocol).
 
     Returns:
         ``[M] float32``, the gain of each modality, in the order of ``modalities``.
 
-    Reference: DESIGN.md §3.1; ModalImmune (arXiv 2602.16197), signed rather than squared.
+    Reference: DESIGN.md §3.1 and §2 (the one removal rule); ModalImmune (arXiv 2602.16197),
+    signed rather than squared.
     """
     params, batch = jax.lax.stop_gradient((params, dict(batch)))
     num_modalities = len(modalities)
-    # Row 0 keeps everything (the clean loss); row 1 + m drops modality m.
+    # Row 0 keeps everything (the clean loss; nothing removed, so no flag applies); row 1 + m
+    # removes modality m.
     keeps = jnp.concatenate(
         [jnp.ones((1, num_modalities)), 1.0 - jnp.eye(num_modalities)], axis=0
     )  # [M + 1, M]
 
     def batch_loss(keep):
-        dropped = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
-        return jnp.mean(loss_fn(params, dropped)).astype(jnp.float32)
+        removed = remove_for_training(batch, keep, key=key, mask_prob=mask_prob,
+                                      modalities=modalities)
+        return jnp.mean(loss_fn(params, removed)).astype(jnp.float32)
 
     losses = jax.lax.map(batch_loss, keeps)  # [M + 1]
     return jax.lax.stop_gradient(losses[1:] - losses[0])

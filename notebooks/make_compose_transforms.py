@@ -46,7 +46,8 @@ def per_example_loss(p, b):
     pred = sum(b["mask"][:, i] * (b[m] @ p[m]) for i, m in enumerate(mods))
     return jnp.square(pred - b["label"])
 
-ig = mi.information_gain(per_example_loss, params, batch, modalities=mods)
+ig = mi.information_gain(per_example_loss, params, batch, modalities=mods,
+                        key=jax.random.key(0), mask_prob=0.5)  # the shared removal rule
 state = mi.update_controller(mi.init_controller(3), ig)
 probs = mi.controller.target_probabilities(state, p_clean=0.2, tau=1.0)
 print("IG:", dict(zip(mods, np.round(np.asarray(ig), 4))))

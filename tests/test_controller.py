@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modalimmune_jax import controller
+from modalimmune_jax import controller, interventions
 
 MODS = ("a", "b", "c")
 
@@ -29,7 +29,9 @@ def test_information_gain_signs_and_hand_loop():
     batch = _batch()
     # `a` is needed, `b` is ignored (zero weight), `c` only adds noise (removing it helps).
     params = {"a": jnp.array([1.0, -1.0]), "b": jnp.zeros(2), "c": jnp.array([0.5, 0.5])}
-    ig = controller.information_gain(_loss, params, batch, modalities=MODS)
+    # mask_prob = 1: every removal is flagged, so "without m" is zero-fill plus mask 0.
+    ig = controller.information_gain(_loss, params, batch, modalities=MODS,
+                                     key=jax.random.key(0), mask_prob=1.0)
     base = np.mean(_loss(params, batch))
     expected = []
     for i, m in enumerate(MODS):
@@ -43,8 +45,8 @@ def test_information_gain_signs_and_hand_loop():
 def test_information_gain_has_no_gradient():
     batch = _batch()
     params = {"a": jnp.array([1.0, -1.0]), "b": jnp.ones(2), "c": jnp.ones(2)}
-    g = jax.grad(lambda p: jnp.sum(controller.information_gain(_loss, p, batch,
-                                                               modalities=MODS)))(params)
+    g = jax.grad(lambda p: jnp.sum(controller.information_gain(
+        _loss, p, batch, modalities=MODS, key=jax.random.key(0), mask_prob=0.5)))(params)
     chex.assert_trees_all_close(g, jax.tree.map(jnp.zeros_like, params))
 
 
@@ -131,13 +133,16 @@ def _seq_loss(params, batch):
     return jnp.square(pred - batch["label"])  # [B]
 
 
-def test_information_gain_sequence_modality_mask_and_exact_zero():
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+def test_information_gain_sequence_modality_mask_and_exact_zero(mask_prob):
     params, batch = _seq_problem()
     mods = ("u", "v", "w")
-    ig = controller.information_gain(_seq_loss, params, batch, modalities=mods)
+    ig = controller.information_gain(_seq_loss, params, batch, modalities=mods,
+                                     key=jax.random.key(0), mask_prob=mask_prob)
     chex.assert_shape(ig, (3,))
     chex.assert_type(ig, jnp.float32)
-    # Hand-written leave-one-out in numpy (float64): zero-fill m and zero its mask column.
+    # Hand-written leave-one-out in numpy (float64): zero-fill m and, at mask_prob 1, zero its
+    # mask column (at 0 the mask stays 1). The presence bias makes the two differ.
     np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
     np_params = {k: np.asarray(v, np.float64) for k, v in params.items()}
 
@@ -150,7 +155,7 @@ def test_information_gain_sequence_modality_mask_and_exact_zero():
     for i, m in enumerate(mods):
         b = dict(np_batch, **{m: np.zeros_like(np_batch[m])})
         b["mask"] = np_batch["mask"].copy()
-        b["mask"][:, i] = 0.0
+        b["mask"][:, i] = 1.0 - mask_prob
         expected.append(np_loss(b) - np_loss(np_batch))
     np.testing.assert_allclose(ig, expected, rtol=1e-4, atol=1e-5)
     assert ig[0] > 0 and ig[1] > 0
@@ -161,13 +166,46 @@ def test_information_gain_sequence_modality_mask_and_exact_zero():
 def test_information_gain_scalar_loss_and_jit():
     params, batch = _seq_problem(seed=2)
     mods = ("u", "v", "w")
-    per_example = controller.information_gain(_seq_loss, params, batch, modalities=mods)
-    scalar = controller.information_gain(
-        lambda p, b: jnp.mean(_seq_loss(p, b)), params, batch, modalities=mods
-    )
+    kw = {"modalities": mods, "key": jax.random.key(4), "mask_prob": 0.5}
+    per_example = controller.information_gain(_seq_loss, params, batch, **kw)
+    scalar = controller.information_gain(lambda p, b: jnp.mean(_seq_loss(p, b)), params, batch,
+                                         **kw)
     np.testing.assert_allclose(scalar, per_example, rtol=1e-6, atol=1e-6)
-    jitted = jax.jit(lambda p, b: controller.information_gain(_seq_loss, p, b, modalities=mods))
+    jitted = jax.jit(lambda p, b: controller.information_gain(_seq_loss, p, b, **kw))
     np.testing.assert_allclose(jitted(params, batch), per_example, rtol=1e-5, atol=1e-6)
+
+
+def test_information_gain_flags_each_example_once_for_every_modality():
+    """In between 0 and 1, example b's removal is flagged by one draw shared by every modality.
+
+    The reference mixes, per example, the hand-computed loss with m's mask column at 0 (flagged)
+    and at 1 (not flagged); the flags are the shared rule's (`interventions.training_mask`) for
+    the same key, one column per example.
+    """
+    params, batch = _seq_problem(seed=3, n=256)
+    mods = ("u", "v", "w")
+    key = jax.random.key(7)
+    ig = controller.information_gain(_seq_loss, params, batch, modalities=mods, key=key,
+                                     mask_prob=0.5)
+    flags = 1.0 - np.asarray(interventions.training_mask(
+        jnp.ones((256, 3)), jnp.zeros(3), key=key, mask_prob=0.5))[:, 0]  # [B] in {0, 1}
+    assert 0.3 < flags.mean() < 0.7
+    np_batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    np_params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+    def np_loss(b):  # [B]
+        pred = (b["u"] @ np_params["u"] + b["v"].mean(1) @ np_params["v"]
+                + b["w"] @ np_params["w"] + b["mask"] @ np_params["bias"])
+        return (pred - b["label"]) ** 2
+
+    expected = []
+    for i, m in enumerate(mods):
+        b = dict(np_batch, **{m: np.zeros_like(np_batch[m])})
+        told = dict(b, mask=np_batch["mask"].copy())
+        told["mask"][:, i] = 0.0
+        mixed = np.where(flags > 0, np_loss(told), np_loss(b))
+        expected.append(np.mean(mixed) - np.mean(np_loss(np_batch)))
+    np.testing.assert_allclose(ig, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_update_controller_jit_three_steps_by_hand():

@@ -171,15 +171,37 @@ def test_separation_loss_matches_a_loop():
 # ----------------------------------------------------------------------- batches and the gate
 
 
-def test_remove_zero_fills_and_flags_with_the_given_probability():
+class _Info:
+    modalities = MODS
+    task = "classification"
+    num_classes = 3
+
+
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+def test_retain_and_forget_batches_follow_the_removal_rule(mask_prob):
+    """The retain batch zero-fills `a` (forgotten) and the forget batch `b`; at mask_prob 0 the
+    mask stays 1, at 1 the removed column is 0 (the shared rule's two ends, DESIGN.md §2)."""
+    _, params, fns = _tiny_model()
     batch = _tiny_batch()
-    keep = jnp.array([0.0, 1.0])
-    for prob, mask_a in ((0.0, 1.0), (1.0, 0.0)):
-        out = unlearning.remove(batch, keep, jax.random.key(0), modalities=MODS, mask_prob=prob)
-        np.testing.assert_array_equal(out["a"], 0.0)
-        np.testing.assert_array_equal(out["b"], batch["b"])
-        np.testing.assert_array_equal(out["mask"][:, 0], mask_a)
-        np.testing.assert_array_equal(out["mask"][:, 1], 1.0)
+    labels = np.asarray(batch["label"])
+
+    def hand_loss(removed, flag):  # mean cross-entropy on a hand-built batch, in numpy
+        b = {**batch, removed: jnp.zeros_like(batch[removed])}
+        b["mask"] = batch["mask"].at[:, MODS.index(removed)].set(1.0 - flag)
+        logits = np.asarray(fns.apply(params, b)["preds"], np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return -np.mean(logp[np.arange(len(labels)), labels])
+
+    hp = unlearn.default_hparams()
+    retain = unlearning.make_retain_loss(fns, info=_Info, index=0, hparams=hp,
+                                         mask_prob=mask_prob)
+    loss, _ = retain(params, params, batch, jax.random.key(0))
+    np.testing.assert_allclose(loss, hand_loss("a", mask_prob), rtol=1e-5)
+    neggrad = unlearning.make_neggrad_loss(fns, info=_Info, index=0, hparams=hp,
+                                           mask_prob=mask_prob, max_forget_loss=1e9)
+    _, meas = neggrad(params, params, batch, jax.random.key(1))
+    np.testing.assert_allclose(meas["retain_loss"], hand_loss("a", mask_prob), rtol=1e-5)
+    np.testing.assert_allclose(meas["forget_loss"], hand_loss("b", mask_prob), rtol=1e-5)
 
 
 def test_forget_gate_cuts_the_modality_off():

@@ -112,7 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.removal.mask_prob = 0.5
 
     config.moddrop = ml_collections.ConfigDict()
-    # Each modality is zero-filled (mask 0) with this probability, keeping at least one.
+    # Each modality is removed with this probability, keeping at least one; whether a removal is
+    # also flagged in the mask is config.removal.mask_prob's business, as for every method.
     config.moddrop.p = 0.3
 
     config.consistency = ml_collections.ConfigDict()
@@ -125,6 +126,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.consistency.eps = 0.05
     config.consistency.steps = 2
     config.consistency.weight = 0.01
+
+    # OGM-GE (Peng et al., CVPR 2022; modalimmune_jax/methods/ogm_ge.py): each modality ahead
+    # of the weakest gets its encoder's gradient scaled by 1 - tanh(alpha * ratio), plus noise.
+    config.ogm_ge = ml_collections.ConfigDict()
+    # The official README's default (0.1, VGGSound); it recommends 0.8 for CREMA-D.
+    config.ogm_ge.alpha = 0.1
+    # Modulation window, inclusive, in fractions of num_steps: the official default modulates
+    # epochs 0 to 50 of 100. Outside it the coefficients are logged but not applied.
+    config.ogm_ge.modulation_starts = 0.0
+    config.ogm_ge.modulation_ends = 0.5
+    # GE: Gaussian noise with each encoder weight gradient's std (False: OGM alone).
+    config.ogm_ge.noise = True
 
     # ModalImmune (DESIGN.md §3). Each component has an on/off switch for the ablation.
     config.mi = ml_collections.ConfigDict()

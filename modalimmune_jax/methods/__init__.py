@@ -39,10 +39,17 @@ def _modalimmune(apply_fns, *, info, config):
     return make_modalimmune(apply_fns, info=info, config=config)
 
 
+def _ogm_ge(apply_fns, *, info, config):
+    from modalimmune_jax.methods.ogm_ge import make_ogm_ge  # noqa: PLC0415
+
+    return make_ogm_ge(apply_fns, info=info, config=config)
+
+
 FACTORIES = {
     "erm": lambda fns, **kw: loss_method(make_erm_loss(fns, **kw)),
     "moddrop": lambda fns, **kw: loss_method(make_moddrop_loss(fns, **kw)),
     "consistency": lambda fns, **kw: loss_method(make_consistency_loss(fns, **kw)),
+    "ogm_ge": _ogm_ge,
     "modalimmune": _modalimmune,
 }
 METHODS = tuple(FACTORIES)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from modalimmune_jax import losses
-from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.interventions import remove_for_training
 from modalimmune_jax.robustness import random_missing_keep
 
 
@@ -34,12 +34,19 @@ def make_erm_loss(apply_fns, *, info, config):
 
 
 def make_moddrop_loss(apply_fns, *, info, config):
-    """ModDrop: zero-fill (mask 0) each modality with probability p, keeping at least one."""
+    """ModDrop: remove each modality with probability ``config.moddrop.p``, keeping at least one.
+
+    The removal is the shared training rule (DESIGN.md §2, ``remove_for_training``): zero-fill,
+    and with probability ``config.removal.mask_prob`` per example also flag the removals absent.
+    """
 
     def loss_fn(params, batch, rng):
-        keep = random_missing_keep(rng, batch["mask"].shape[0], len(info.modalities),
+        k_keep, k_flag = jax.random.split(rng)
+        keep = random_missing_keep(k_keep, batch["mask"].shape[0], len(info.modalities),
                                    config.moddrop.p)  # [B, M]
-        dropped = drop_modalities(batch, keep, modalities=info.modalities, set_mask=True)
+        dropped = remove_for_training(batch, keep, key=k_flag,
+                                      mask_prob=config.removal.mask_prob,
+                                      modalities=info.modalities)
         loss, meas = supervised_loss(apply_fns, params, dropped, info=info, config=config)
         meas["kept_fraction"] = jnp.mean(keep)
         return loss, meas

@@ -130,13 +130,14 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 "cert": _cert_zeros(), "meta_skips": jnp.zeros([], jnp.int32)}
 
     def grads(params, extra, batch, rng, *, step, meta_batch):
-        k_target, k_absent, k_curv, k_meta = jax.random.split(rng, 4)
+        k_target, k_absent, k_curv, k_meta, k_ig = jax.random.split(rng, 5)
         controller, last_ig = extra["controller"], extra["last_ig"]
 
         # 1. Controller: amortized IG refresh, then the target.
         if mi.controller:
             def refresh(c):
-                ig = ctrl_lib.information_gain(per_example_task, params, batch, modalities=mods)
+                ig = ctrl_lib.information_gain(per_example_task, params, batch, modalities=mods,
+                                               key=k_ig, mask_prob=config.removal.mask_prob)
                 return ctrl_lib.update_controller(c, ig, beta=mi.ema_beta), ig
             controller, last_ig = jax.lax.cond(step % mi.ig_every == 0, refresh,
                                                lambda c: (c, last_ig), controller)

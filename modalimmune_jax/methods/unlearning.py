@@ -6,11 +6,13 @@ model's params (a constant of the unlearning run; only CCU reads it).
 
 Vocabulary. ``m`` is the forgotten modality, ``index`` its column in ``batch["mask"]``.
 
-- **Retain batch**: ``x`` with m removed: zero-filled, and flagged absent (mask 0) with probability
-  ``mask_prob`` per sample. ``mask_prob = 1`` is DESIGN.md §2's training intervention (mask 0);
-  the default 0.5 also trains the `zero` protocol (mask left 1), the one retained utility is
-  reported under (DESIGN.md §5).
-- **Forget batch**: ``x`` with only m kept, the others removed the same way.
+- **Retain batch**: ``x`` with m removed by the shared training rule
+  (``interventions.remove_for_training``, DESIGN.md §2): zero-filled, and flagged absent (mask 0)
+  with probability ``mask_prob`` per example. ``mask_prob`` is the trained run's
+  ``config.removal.mask_prob``, so unlearning trains both protocols in the same proportion as the
+  model it starts from (retained utility is reported under both, DESIGN.md §5).
+- **Forget batch**: ``x`` with only m kept, the others removed the same way (one flag per
+  example for all its removals).
 - **Forget gate** (:func:`forget_gate`): a model that never sees m. Its encoder input ``x_m`` is
   zero-filled and m's length set to 1 (a sequence's length is information about ``x_m`` too), so
   ``z_m`` is the *null embedding* ``E_m(0)``, one row for every sample: what ModalImmune's full
@@ -48,12 +50,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from modalimmune_jax import losses
-from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.interventions import drop_modalities, remove_for_training
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import ApplyFns, _time_mask
 
@@ -63,79 +64,7 @@ STATISTICS = ("abs", "var", "rms")
 MANU_EPS = 1e-5
 
 
-def default_hparams() -> ml_collections.ConfigDict:
-    """The unlearning hyperparameters (``--hparams.*`` flags, or ``unlearn(hparams=...)``)."""
-    hp = ml_collections.ConfigDict()
-    # Unlearning steps (retrain: the trained run's config.num_steps unless --steps is given).
-    hp.steps = 300
-    # 0: the trained run's config.batch_size.
-    hp.batch_size = 0
-    # adamw at a constant rate, after global-norm clipping (0 disables).
-    hp.lr = 1e-3
-    hp.weight_decay = 1e-4
-    hp.grad_clip = 1.0
-    # Probability that a removed modality is also flagged absent (mask 0) in training batches.
-    hp.mask_prob = 0.5
-    hp.log_every = 50
-
-    hp.neggrad = ml_collections.ConfigDict()
-    hp.neggrad.forget_weight = 1.0
-    # Per-example clamp of the ascended forget loss; <= 0 means chance_loss() of the train labels.
-    hp.neggrad.max_forget_loss = 0.0
-
-    hp.ccu = ml_collections.ConfigDict()
-    # Softmax temperature of the cosine similarities.
-    hp.ccu.temperature = 0.5
-    hp.ccu.inverse_weight = 1.0
-    hp.ccu.kl_weight = 1.0
-    hp.ccu.task_weight = 1.0
-    # Task loss on the full input with z_m held fixed (0: CCU's three losses only).
-    hp.ccu.full_weight = 1.0
-    hp.ccu.separation_weight = 1.0
-    # Class prototypes of z_m pulled together (prototype_loss); 0 gives the pair-level L_inv only.
-    hp.ccu.prototype_weight = 1.0
-    # Minimum cosine distance (1 - cos) between a sample's forget and retain representations.
-    hp.ccu.margin = 1.0
-
-    hp.manu = ml_collections.ConfigDict()
-    # Fraction of each layer's output neurons (rows) zeroed in m's encoder.
-    hp.manu.fraction = 0.2
-    # Weights w_f of the statistics in S = sum_f w_f (I_f^forget / (I_f^retain + 1e-5) - 1).
-    hp.manu.w_abs = 1.0 / 3.0
-    hp.manu.w_var = 1.0 / 3.0
-    hp.manu.w_rms = 1.0 / 3.0
-    # Then `steps` of retain finetuning (pruned rows kept at zero); False: prune only.
-    hp.manu.finetune = True
-
-    hp.probe = ml_collections.ConfigDict()
-    # sklearn LogisticRegression's inverse regularization and iteration cap.
-    hp.probe.C = 1.0
-    hp.probe.max_iter = 2000
-    return hp
-
-
 # ------------------------------------------------------------------------------------ batches
-
-
-def remove(batch: Mapping[str, jax.Array], keep: jax.typing.ArrayLike, key: jax.Array, *,
-           modalities: Sequence[str], mask_prob: float) -> dict[str, jax.Array]:
-    """Zero-fills the modalities with ``keep == 0``; flags each absent w.p. `mask_prob` per sample.
-
-    Args:
-      batch: DESIGN.md §2 batch (``"mask"`` ``[B, M] float32``).
-      keep: ``[M]`` float, 1 keeps the modality.
-      key: PRNG key for the per-sample flags.
-      modalities: the M names, in mask column order.
-      mask_prob: probability that a removed modality's mask entry is set to 0.
-
-    Returns:
-      The batch with the same shapes and dtypes.
-    """
-    keep = jnp.asarray(keep, jnp.float32)
-    out = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
-    flag = jax.random.bernoulli(key, mask_prob, batch["mask"].shape).astype(jnp.float32)
-    out["mask"] = batch["mask"] * (1.0 - flag * (1.0 - keep)[None, :])  # [B, M]
-    return out
 
 
 def forget_gate(apply_fns: ApplyFns, *, index: int, modalities: Sequence[str]) -> ApplyFns:
@@ -239,14 +168,16 @@ def _task(preds, labels, info, regression_loss):
     return losses.task_loss(preds, labels, task=info.task, regression_loss=regression_loss)
 
 
-def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
+def make_retain_loss(apply_fns, *, info, index, hparams, mask_prob, regression_loss="l1"):
     """``L = mean_b l(f(x_retain), y)``: `finetune`, `modalimmune` and MANU's finetune.
 
     Args (shared by every factory here):
       apply_fns: the model's pure functions (gated or not).
       info: the dataset's ``DatasetInfo`` (modalities, task).
       index: the forgotten modality's column.
-      hparams: :func:`default_hparams` (``mask_prob`` and the method's block).
+      hparams: `studies.unlearn.default_hparams()` (the method's block).
+      mask_prob: the trained run's ``config.removal.mask_prob``: the probability that an
+        example's removals are also flagged absent (DESIGN.md §2's shared rule).
       regression_loss: ``config.loss.regression``.
 
     Returns:
@@ -256,7 +187,8 @@ def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
 
     def loss_fn(params, frozen, batch, rng):
         del frozen
-        retain = remove(batch, keep, rng, modalities=info.modalities, mask_prob=hparams.mask_prob)
+        retain = remove_for_training(batch, keep, key=rng, mask_prob=mask_prob,
+                                     modalities=info.modalities)
         loss = jnp.mean(_task(apply_fns.apply(params, retain)["preds"], batch["label"], info,
                               regression_loss))
         return loss, {"retain_loss": loss}
@@ -264,7 +196,8 @@ def make_retain_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
     return loss_fn
 
 
-def make_neggrad_loss(apply_fns, *, info, index, hparams, max_forget_loss, regression_loss="l1"):
+def make_neggrad_loss(apply_fns, *, info, index, hparams, mask_prob, max_forget_loss,
+                      regression_loss="l1"):
     """``L = L_retain - w_f mean_b min(l(f(x_forget), y), max_forget_loss)`` (module docstring).
 
     `max_forget_loss` is the per-example clamp (a float; :func:`chance_loss` by default).
@@ -275,8 +208,9 @@ def make_neggrad_loss(apply_fns, *, info, index, hparams, max_forget_loss, regre
     def loss_fn(params, frozen, batch, rng):
         del frozen
         k_r, k_f = jax.random.split(rng)
-        retain = remove(batch, 1.0 - only, k_r, modalities=mods, mask_prob=hparams.mask_prob)
-        forget = remove(batch, only, k_f, modalities=mods, mask_prob=hparams.mask_prob)
+        retain = remove_for_training(batch, 1.0 - only, key=k_r, mask_prob=mask_prob,
+                                     modalities=mods)
+        forget = remove_for_training(batch, only, key=k_f, mask_prob=mask_prob, modalities=mods)
         l_r = jnp.mean(_task(apply_fns.apply(params, retain)["preds"], batch["label"], info,
                              regression_loss))
         l_f = _task(apply_fns.apply(params, forget)["preds"], batch["label"], info,
@@ -404,7 +338,7 @@ def separation_loss(h_forget: jax.typing.ArrayLike, h_retain: jax.typing.ArrayLi
     return jnp.mean(jax.nn.relu(margin - (1.0 - cos)))
 
 
-def make_ccu_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
+def make_ccu_loss(apply_fns, *, info, index, hparams, mask_prob, regression_loss="l1"):
     """CCU: ``w_inv L_inv + w_proto L_proto + w_kl L_kl + w_task L_task + w_full L_full
     + w_sep L_sep`` (module docstring)."""
     mods = info.modalities
@@ -414,8 +348,9 @@ def make_ccu_loss(apply_fns, *, info, index, hparams, regression_loss="l1"):
 
     def loss_fn(params, frozen, batch, rng):
         k_r, k_f = jax.random.split(rng)
-        retain = remove(batch, 1.0 - only, k_r, modalities=mods, mask_prob=hparams.mask_prob)
-        forget = remove(batch, only, k_f, modalities=mods, mask_prob=hparams.mask_prob)
+        retain = remove_for_training(batch, 1.0 - only, key=k_r, mask_prob=mask_prob,
+                                     modalities=mods)
+        forget = remove_for_training(batch, only, key=k_f, mask_prob=mask_prob, modalities=mods)
         z = apply_fns.encode(params, batch)  # [B, M, d]
         classes = _discrete_labels_jax(batch["label"], info.task)
         l_inv = inverse_contrastive_loss(z[:, index], classes, temperature=cc.temperature)

@@ -141,6 +141,12 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
             ("loss.reconstruction", 0, None, True, False)):
         _in_range(config, name, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    _in_range(config, "ogm_ge.alpha", 0, None)
+    _in_range(config, "ogm_ge.modulation_starts", 0, 1)
+    _in_range(config, "ogm_ge.modulation_ends", config.ogm_ge.modulation_starts, 1)
+    if not isinstance(config.ogm_ge.noise, bool):
+        raise ConfigError(f"config.ogm_ge.noise must be True or False, got "
+                          f"{config.ogm_ge.noise!r}")
     if config.mi.quantile is not None:  # None damps every entry (curvature.curvature_mask)
         _in_range(config, "mi.quantile", 0, 1)
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",

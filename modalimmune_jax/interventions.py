@@ -110,3 +110,51 @@ def remove_for_training(
     out = drop_modalities(batch, keep, modalities=modalities, set_mask=False)
     out["mask"] = training_mask(batch["mask"], keep, key=key, mask_prob=mask_prob)
     return out
+
+
+def gate_modalities(apply_fns, keep: Sequence[float], *, modalities: Sequence[str]):
+    """The model with the modalities where ``keep == 0`` cut off at the input, for good.
+
+    A gated modality is zero-filled, its length set to 1 (a sequence's length is information about
+    it too) and flagged absent, whatever the batch holds, so its embedding is the *null
+    embedding* ``E_m(0)`` for every example and the fusion ignores it; its reconstruction carries
+    no gradient, so it is not a training target either. This is the specialist of the oracle row
+    (``config.use_modalities``: a model that only ever sees the kept modalities) and the forget
+    gate of modality unlearning.
+
+    Args:
+      apply_fns: the model's pure functions (`model.make_apply_fns`), an `ApplyFns`.
+      keep: ``[M]`` static 0/1 values, 1 keeps the modality.
+      modalities: the M names, in mask column order.
+
+    Returns:
+      An `ApplyFns` with the same signatures (keyword arguments are passed through).
+    """
+    from modalimmune_jax.model import ApplyFns  # noqa: PLC0415 -- model imports nothing here
+
+    keep = jnp.asarray(keep, jnp.float32)  # [M]
+    gated = [i for i in range(len(modalities)) if float(keep[i]) == 0.0]
+
+    def gate(batch):
+        out = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
+        if "lengths" in batch and gated:
+            out["lengths"] = batch["lengths"].at[:, jnp.asarray(gated)].set(1)
+        return out
+
+    def stop(recon):
+        return tuple(jax.lax.stop_gradient(r) if i in gated else r for i, r in enumerate(recon))
+
+    def encode(params, batch, **kwargs):
+        return apply_fns.encode(params, gate(batch), **kwargs)
+
+    def head(params, z, mask, **kwargs):
+        return apply_fns.head(params, z, mask * keep[None, :], **kwargs)
+
+    def reconstruct(params, h, **kwargs):
+        return stop(apply_fns.reconstruct(params, h, **kwargs))
+
+    def apply(params, batch, **kwargs):
+        out = apply_fns.apply(params, gate(batch), **kwargs)
+        return {**out, "recon": stop(out["recon"])}
+
+    return ApplyFns(encode=encode, head=head, reconstruct=reconstruct, apply=apply)

@@ -332,6 +332,8 @@ def summarize_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         vals = [r[k] for r in results]
         if isinstance(vals[0], Mapping):
             out[k] = summarize_seeds(vals)
+        elif any(v is None for v in vals):  # an undefined figure (JSON null) stays undefined
+            out[k] = {"mean": None, "std": None}
         else:
             arr = np.asarray(vals, np.float64)
             out[k] = {"mean": float(np.mean(arr)), "std": float(np.std(arr, ddof=0))}

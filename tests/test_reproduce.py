@@ -26,13 +26,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _eval(full, missing, rm_fn, corr_fns, metric="acc"):
-    """A hand-made eval.json body: rm_fn(rate) and corr_fns[(m, kind)](level) give the metric."""
+    """A hand-made eval.json body: rm_fn(rate) and corr_fns[(m, kind)](level) give the metric.
+
+    The `mask` protocol's numbers are the `zero` ones minus 0.1 (missing) and 0.05 (random
+    missing), so that a table reading the wrong protocol shows it.
+    """
     per = {c: {metric: v} for c, v in zip(CONDITIONS, missing, strict=True)}
+    per_mask = {c: {metric: v - 0.1} for c, v in zip(CONDITIONS, missing, strict=True)}
     return {
         "full": {metric: full},
         "missing": per,
         "missing_avg": {metric: float(np.mean(missing))},
+        "missing_mask": per_mask,
+        "missing_avg_mask": {metric: float(np.mean(missing)) - 0.1},
         "random_missing": {r: {metric: rm_fn(float(r))} for r in RATES},
+        "random_missing_mask": {r: {metric: rm_fn(float(r)) - 0.05} for r in RATES},
         "corruption": {m: {kind: {lv: {metric: corr_fns.get((m, kind), lambda x: 0.5)(float(lv))}
                                   for lv in LEVELS} for kind in ("gaussian", "timestep_drop")}
                        for m in MODS},
@@ -125,45 +133,52 @@ def _cell(mean, std, scale=100.0, digits=1, signed=False):
 def test_tables_match_results(hand_results):
     md = tables.render_tables(hand_results, names=["erm", "flat"], modalities=MODS,
                                  family="classification", num_seeds=2)
-    missing, rob = _table_rows(md)
-    assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
-    assert [r[0] for r in missing[1:]] == ["erm", "flat"]
+    missing, missing_mask, rob = _table_rows(md)
+    for table in (missing, missing_mask):
+        assert table[0] == ["Method", "Full", *CONDITIONS, "Avg"]
+        assert [r[0] for r in table[1:]] == ["erm", "flat"]
     # Hand-worked cells: erm full 0.90/0.80 -> 85.0 ± 5.0; flat vision 0.8/0.6 -> 70.0 ± 10.0;
-    # erm Avg: per-seed averages 0.55 and 0.5166.. -> 53.3 ± 1.7.
-    assert missing[1][1] == "85.0 ± 5.0"
+    # erm Avg: per-seed averages 0.55 and 0.5166.. -> 53.3 ± 1.7; the mask block 0.1 lower.
+    assert missing[1][1] == "85.0 ± 5.0" == missing_mask[1][1]
     assert missing[2][missing[0].index("vision")] == "70.0 ± 10.0"
-    assert missing[1][-1] == "53.3 ± 1.7"
+    assert missing_mask[2][missing[0].index("vision")] == "60.0 ± 10.0"
+    assert missing[1][-1] == "53.3 ± 1.7" and missing_mask[1][-1] == "43.3 ± 1.7"
     # Every cell is the results.json mean ± std, as a percentage with one decimal.
-    for row in missing[1:]:
-        res = hand_results[row[0]]
-        stats = [res["full"]["acc"], *(res["missing"][c]["acc"] for c in CONDITIONS),
-                 res["missing_avg"]["acc"]]
-        assert row[1:] == [_cell(s["mean"], s["std"]) for s in stats]
-    assert rob[0] == ["Method", "Random missing RR", "Random missing ER", "Gaussian RR",
+    for table, suffix in ((missing, ""), (missing_mask, "_mask")):
+        for row in table[1:]:
+            res = hand_results[row[0]]
+            stats = [res["full"]["acc"], *(res["missing" + suffix][c]["acc"] for c in CONDITIONS),
+                     res["missing_avg" + suffix]["acc"]]
+            assert row[1:] == [_cell(s["mean"], s["std"]) for s in stats]
+    assert rob[0] == ["Method", "Random missing RR", "Random missing ER",
+                      "Random missing (mask) RR", "Random missing (mask) ER", "Gaussian RR",
                       "Gaussian ER", "Timestep drop RR", "Timestep drop ER"]
     flat_row = rob[2]
     assert flat_row[0] == "flat"
     assert flat_row[1] == "82.0 ± 2.0" and flat_row[2] == "+14.0 ± 3.5"
-    assert flat_row[4] == "+3.0 ± 0.0"  # 0.09 / 3
+    # The mask curves are 0.05 lower for both runs: RR 0.05 lower, the same ER.
+    assert flat_row[3] == "77.0 ± 2.0" and flat_row[4] == "+14.0 ± 3.5"
+    assert flat_row[6] == "+3.0 ± 0.0"  # 0.09 / 3
     assert rob[1][2] == "+0.0 ± 0.0"  # erm against itself
     assert "mean ± std over 2 seeds" in md and "`zero` protocol" in md
+    assert "`mask` protocol" in md
 
 
 def test_sentiment_tables_use_non0_acc_and_mae():
     evals = {"erm": [_eval(0.8, [0.7] * 6, lambda r: 0.8 - 0.1 * r, {}, metric="Non0_acc_2")]}
     for ev, mae in zip(evals["erm"], [0.7123], strict=True):
         ev["full"]["MAE"] = mae
-        ev["missing_avg"]["MAE"] = 0.9
+        ev["missing_avg"]["MAE"] = ev["missing_avg_mask"]["MAE"] = 0.9
         for c in CONDITIONS:
-            ev["missing"][c]["MAE"] = 0.9
-        for d in [*ev["random_missing"].values(),
+            ev["missing"][c]["MAE"] = ev["missing_mask"][c]["MAE"] = 0.9
+        for d in [*ev["random_missing"].values(), *ev["random_missing_mask"].values(),
                   *(lv for m in ev["corruption"].values() for k in m.values()
                     for lv in k.values())]:
             d["MAE"] = 1.0
     results = tables.aggregate(evals, metric="Non0_acc_2", reference=evals["erm"])
     md = tables.render_tables(results, names=["erm"], modalities=MODS, family="sentiment",
                                  num_seeds=1)
-    acc_table, mae_table, _ = _table_rows(md)
+    acc_table, _, mae_table, _, _ = _table_rows(md)
     assert acc_table[1][1] == "80.0 ± 0.0"
     assert mae_table[1][1] == "0.712 ± 0.000"
     assert mae_table[1][-1] == "0.900 ± 0.000"
@@ -182,16 +197,26 @@ def test_format_stat():
 def test_runs_and_ablation_configs():
     runs = suite.make_runs(["erm", "modalimmune"], ablation=True)
     assert [r.name for r in runs] == [
-        "erm", "modalimmune", "modalimmune-no_controller", "modalimmune-no_collapse",
-        "modalimmune-no_regularizer", "modalimmune-no_curvature", "modalimmune-no_meta"]
+        "erm", "modalimmune", "modalimmune-none", "modalimmune-no_controller",
+        "modalimmune-no_collapse", "modalimmune-no_regularizer", "modalimmune-no_curvature",
+        "modalimmune-no_meta"]
     assert [r.name for r in suite.make_runs(["erm"], ablation=True)] == ["erm"]
-    base = suite.suite_config("synthetic", get_config=default.get_config, fast=True, data_dir="/d")
+    base = suite.suite_config("synthetic", get_config=default.get_config, fast=True,
+                              data_dir="/d")
     assert base.num_steps == 600 and base.dataset.data_dir == "/d"
-    config = suite.run_config(base, runs[3], seed=2)
+    config = suite.run_config(base, runs[4], seed=2)
     assert config.method == "modalimmune" and config.seed == 2
     switches = ("controller", "collapse", "regularizer", "curvature", "meta")
     assert {s: config.mi[s] for s in switches} == {s: s != "collapse" for s in switches}
+    none = suite.run_config(base, runs[2], seed=0)
+    assert not any(none.mi[s] for s in switches)  # the two-branch floor: every component off
     assert base.mi.collapse  # the base config is not modified
+    # The oracle: one erm specialist per condition, scored on its own (full) input.
+    oracle = suite.make_runs(["erm"], ablation=False, oracle=True, modalities=MODS)[1:]
+    assert [r.name for r in oracle] == [f"oracle:{c}" for c in CONDITIONS]
+    config = suite.run_config(base, oracle[0], seed=1)
+    assert (config.method, config.use_modalities, config.eval.protocol) == (
+        "erm", "text,audio", "full")
     with pytest.raises(ValueError, match="--methods"):
         suite.make_runs(["erm", "bogus"], ablation=False)
 

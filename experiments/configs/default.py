@@ -68,10 +68,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preset = arg or "digits"
     # Training seed: init, shuffling and every stochastic intervention derive from it.
     config.seed = 0
-    # erm | moddrop (more methods arrive with the ModalImmune step).
+    # erm | moddrop | consistency | ogm_ge | modalimmune (DESIGN.md §4).
     config.method = "erm"
     config.num_steps = 3000
     config.batch_size = 64
+    # Comma-separated modalities the model may see ("" = all). The others are cut off at the
+    # input in training and evaluation alike: a specialist for one missing condition (the oracle
+    # row of `reproduce`).
+    config.use_modalities = ""
     # Intervals, in steps.
     config.log_every = 50
     config.eval_every = 250

@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from modalimmune_jax import losses
-from modalimmune_jax.interventions import drop_modalities, remove_for_training
+from modalimmune_jax.interventions import gate_modalities, remove_for_training
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import ApplyFns, _time_mask
 
@@ -70,40 +70,11 @@ MANU_EPS = 1e-5
 def forget_gate(apply_fns: ApplyFns, *, index: int, modalities: Sequence[str]) -> ApplyFns:
     """The model with modality `index` cut off at the input (module docstring, "Forget gate").
 
-    Args:
-      apply_fns: the model's pure functions (`model.make_apply_fns`).
-      index: the forgotten modality's column.
-      modalities: the M names, in mask column order.
-
-    Returns:
-      :class:`ApplyFns` with the same signatures: ``encode`` gives ``z_m = E_m(0)`` for every
-      sample, ``head`` ignores m, ``reconstruct`` stops m's gradient, ``apply`` composes them.
+    `interventions.gate_modalities` with every modality but `index` kept: ``encode`` gives
+    ``z_m = E_m(0)`` for every sample, ``head`` ignores m, ``reconstruct`` stops m's gradient.
     """
-    keep = 1.0 - jax.nn.one_hot(index, len(modalities), dtype=jnp.float32)  # [M]
-
-    def gate(batch):
-        out = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
-        if "lengths" in batch:  # a sequence's length is information about x_m too
-            out["lengths"] = batch["lengths"].at[:, index].set(1)
-        return out
-
-    def stop(recon):
-        return tuple(jax.lax.stop_gradient(r) if i == index else r for i, r in enumerate(recon))
-
-    def encode(params, batch):
-        return apply_fns.encode(params, gate(batch))
-
-    def head(params, z, mask):
-        return apply_fns.head(params, z, mask * keep[None, :])
-
-    def reconstruct(params, h):
-        return stop(apply_fns.reconstruct(params, h))
-
-    def apply(params, batch, *, rng=None, interventions=None):
-        out = apply_fns.apply(params, gate(batch), rng=rng, interventions=interventions)
-        return {**out, "recon": stop(out["recon"])}
-
-    return ApplyFns(encode=encode, head=head, reconstruct=reconstruct, apply=apply)
+    keep = [0.0 if i == index else 1.0 for i in range(len(modalities))]
+    return gate_modalities(apply_fns, keep, modalities=modalities)
 
 
 def discrete_labels(labels: np.ndarray, *, task: str) -> np.ndarray:

@@ -55,25 +55,31 @@ def plot_random_missing(results: Mapping[str, Mapping], *, metric: str, methods:
                         path: str) -> str:
     """Metric vs random-missing rate, per method (mean line, ± std band over seeds).
 
+    One panel per protocol: `zero` (``random_missing``) and, where every method has it, `mask`
+    (``random_missing_mask``).
+
     Args:
       results: ``results.json`` body: ``{method: {"random_missing": {rate: {metric: {"mean",
         "std"}}}}}``.
-      metric: the curve metric (``eval_lib.CURVE_METRIC[family]``).
+      metric: the curve metric (``evaluator.CURVE_METRIC[family]``).
       methods: which methods to draw, in legend order.
       path: where the PNG goes.
 
     Returns:
       `path`.
     """
-    fig, axes = _new_figure(panel=(5.5, 3.8))
-    ax = axes[0, 0]
-    for name in methods:
-        _band(ax, *_curve(results[name]["random_missing"], metric), label=name)
-    ax.set_xlabel("random missing rate (per sample and modality)")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title("Random missing modalities (zero protocol)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("random_missing", "zero protocol: mask left at 1")]
+    if all("random_missing_mask" in results[name] for name in methods):
+        panels.append(("random_missing_mask", "mask protocol: flagged absent"))
+    fig, axes = _new_figure(1, len(panels), panel=(5.5, 3.8))
+    for ax, (key, subtitle) in zip(axes[0], panels, strict=True):
+        for name in methods:
+            _band(ax, *_curve(results[name][key], metric), label=name)
+        ax.set_xlabel("random missing rate (per sample and modality)")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"Random missing modalities ({subtitle})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

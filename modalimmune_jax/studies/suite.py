@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import data_pipelines
 from modalimmune_jax import methods as methods_lib
+from modalimmune_jax import robustness
 from modalimmune_jax.evaluation import iterate_batches
 from modalimmune_jax.metrics import LOWER_IS_BETTER, TABLE_METRICS
 from modalimmune_jax.spectral import effective_rank, singular_value_spectrum
@@ -46,18 +47,32 @@ from modalimmune_jax.training.evaluator import CURVE_METRIC
 
 SUITES = data_pipelines.DATASETS
 UNLEARNING_METHODS = unlearn_lib.METHODS
-BASELINES = ("erm", "moddrop", "consistency", "modalimmune")
+# Run names of the oracle's specialists: "oracle:<condition>".
+ORACLE_PREFIX = "oracle:"
+BASELINES = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune")
 # The config.mi switches of DESIGN.md §3, each turned off in turn for the ablation.
 ABLATION_COMPONENTS = ("controller", "collapse", "regularizer", "curvature", "meta")
 FAST_STEPS = {"synthetic": 600, "digits": 500, "npz": 1000, "cmu_mosi": 1000, "cmu_mosei": 1000,
               "iemocap": 1000}
 # eval.json blocks carried into results.json (robustness is recomputed against erm).
 class Run(NamedTuple):
-    """One row of the tables: a training method, possibly with one ModalImmune component off."""
+    """One row of the tables: a method, ModalImmune with components off, or a specialist.
+
+    ``disabled``: the ``config.mi`` switches turned off (``modalimmune-no_<c>`` has one,
+    ``modalimmune-none`` all of them: uniform targets, zero-fill instead of collapse, no
+    regularizer, no curvature mask, no meta-update, the two-branch floor). ``keep``: a
+    specialist's kept modalities (``config.use_modalities``) for the oracle row.
+    """
 
     name: str
     method: str
-    disabled: str | None = None
+    disabled: tuple[str, ...] = ()
+    keep: str = ""
+
+    @property
+    def is_ablation(self) -> bool:
+        """One component off: explains the main comparison, run with the ablation seeds."""
+        return len(self.disabled) == 1
 
 
 def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = False,
@@ -82,15 +97,23 @@ def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = Fal
     return config
 
 
-def make_runs(method_names: Sequence[str], *, ablation: bool) -> list[Run]:
-    """The table rows: each method, then (if modalimmune is among them) its ablations."""
+def make_runs(method_names: Sequence[str], *, ablation: bool, oracle: bool = False,
+              modalities: Sequence[str] = ()) -> list[Run]:
+    """The table rows: each method; with modalimmune, its floor ``modalimmune-none`` and (with
+    `ablation`) one row per component off; with `oracle`, one erm specialist per condition."""
     for name in method_names:
         if name not in methods_lib.METHODS:
             raise ConfigError(f"--methods: unknown method {name!r}; expected some of "
                               f"{methods_lib.METHODS}")
     runs = [Run(name, name) for name in method_names]
-    if ablation and "modalimmune" in method_names:
-        runs += [Run(f"modalimmune-no_{c}", "modalimmune", c) for c in ABLATION_COMPONENTS]
+    if "modalimmune" in method_names:
+        runs.append(Run("modalimmune-none", "modalimmune", ABLATION_COMPONENTS))
+        if ablation:
+            runs += [Run(f"modalimmune-no_{c}", "modalimmune", (c,))
+                     for c in ABLATION_COMPONENTS]
+    if oracle:
+        runs += [Run(f"{ORACLE_PREFIX}{cond}", "erm", keep=cond.replace("+", ","))
+                 for cond, _ in robustness.missing_conditions(modalities)]
     return runs
 
 
@@ -98,8 +121,12 @@ def run_config(base: ml_collections.ConfigDict, run: Run, seed: int) -> ml_colle
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = run.method
     config.seed = seed
-    if run.disabled is not None:
-        config.mi[run.disabled] = False
+    for component in run.disabled:
+        config.mi[component] = False
+    if run.keep:
+        config.use_modalities = run.keep
+        # The specialist is scored on its own condition: its full-modality metrics.
+        config.eval.protocol = "full"
     return config
 
 
@@ -149,7 +176,7 @@ def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None, 
 
 def _make_plots(out: str, results: Mapping, runs: Sequence[Run], *, info, curve: str) -> list:
     plot_dir = os.path.join(out, "plots")
-    main = [r.name for r in runs if r.disabled is None]
+    main = [r.name for r in runs if not r.disabled and not r.keep]
     paths = [
         plots.plot_random_missing(results, metric=curve, methods=main,
                                   path=os.path.join(plot_dir, "random_missing.png")),
@@ -253,7 +280,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
               tiny: bool = False, num_steps: int = 0, dataset_path: str = "",
               method_names: Sequence[str] = BASELINES, ablation: bool = True,
               unlearning: bool = True, ablation_seeds: int = 0, workers: int = 1,
-              train_job=None, unlearn_job=None) -> dict[str, Any]:
+              oracle: bool | None = None, linear: bool = True, train_job=None,
+              unlearn_job=None) -> dict[str, Any]:
     """Runs the suite into `out` (see the module docstring) and returns results.json's body.
 
     Args:
@@ -262,6 +290,9 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
       get_config: ``preset -> ConfigDict``, the configs' ``get_config`` (experiments/configs).
       seeds, fast, tiny, num_steps, dataset_path, method_names, ablation, unlearning,
         ablation_seeds, workers: the `experiments.reproduce` flags of the same names.
+      oracle: train the per-condition specialists (the oracle row); None: by default on the
+        digits suite, unless `fast`.
+      linear: add the linear reference (scikit-learn, seconds).
       train_job, unlearn_job: stand-ins for `_train_job` and `_unlearn_job` (tests: a run that
         must not happen, a fake unlearning); module-level functions when ``workers > 1``.
     """
@@ -271,8 +302,10 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
     out = os.path.abspath(out)
     base = suite_config(suite, get_config=get_config, fast=fast, tiny=tiny, num_steps=num_steps,
                         dataset_path=dataset_path, data_dir=os.path.join(out, "data"))
-    runs = make_runs(method_names, ablation=ablation)
     info = data_pipelines.prepare(base.dataset, data_dir=base.dataset.data_dir)
+    if oracle is None:
+        oracle = suite == "digits" and not fast
+    runs = make_runs(method_names, ablation=ablation, oracle=oracle, modalities=info.modalities)
     curve = CURVE_METRIC[info.metric_family]
     wall_path = os.path.join(out, "wall_times.json")
     wall = files.read_json(wall_path) if os.path.exists(wall_path) else {}
@@ -282,10 +315,11 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
     # run goes first, so that with several workers the later seeds find each program compiled,
     # and within each group the ModalImmune runs (the longest) go first.
     evals: dict[str, list] = {r.name: [] for r in runs}
-    # The ablation rows are one seed under --fast unless asked otherwise: they explain the main
-    # comparison, and each costs a ModalImmune compile.
+    # The one-component ablation rows are one seed under --fast unless asked otherwise: they
+    # explain the main comparison, and each costs a ModalImmune compile. modalimmune-none is a
+    # baseline of the comparison: every seed.
     ablation_seeds = min(seeds, ablation_seeds or (1 if fast else seeds))
-    seeds_of = {r.name: ablation_seeds if r.disabled else seeds for r in runs}
+    seeds_of = {r.name: ablation_seeds if r.is_ablation else seeds for r in runs}
     workdir_of = lambda run, seed: os.path.join(out, "runs", run.name, f"seed{seed}")
     todo = sorted(((r, k) for r in runs for k in range(seeds_of[r.name])
                    if not os.path.exists(os.path.join(workdir_of(r, k), "eval.json"))),
@@ -304,7 +338,12 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
             evals[run.name].append(files.read_json(os.path.join(workdir_of(run, seed),
                                                                 "eval.json")))
 
-    # 3. Summaries over seeds, with effective robustness against erm of the same seed.
+    # 3. Summaries over seeds, with effective robustness against erm of the same seed; the
+    # specialists make one oracle row.
+    specialists = {r.name[len(ORACLE_PREFIX):]: evals.pop(r.name) for r in runs if r.keep}
+    if specialists:
+        evals[tables.ORACLE] = [tables.oracle_eval({c: per[k] for c, per in specialists.items()})
+                                for k in range(seeds)]
     results = aggregate(evals, metric=curve, reference=evals.get("erm"))
     results["_meta"] = {
         "suite": suite, "seeds": list(range(seeds)), "fast": fast, "tiny": tiny,
@@ -316,16 +355,19 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
                                           for k in range(seeds_of[r.name]))) for r in runs},
     }
     table_metric = TABLE_METRICS[info.metric_family][0]
-    results["_meta"]["comparison"] = compare_to_baselines(
-        results, metric=table_metric,
-        higher_is_better=table_metric not in LOWER_IS_BETTER)
+    results["_meta"]["comparison"] = {
+        protocol: compare_to_baselines(results, metric=table_metric, protocol=protocol,
+                                       higher_is_better=table_metric not in LOWER_IS_BETTER)
+        for protocol, _ in tables.PROTOCOLS}
+    if linear:
+        results["linear"] = linear_reference(base, info)
 
     def write_summaries():
         results["_meta"]["suite_wall_time_s"] = time.time() - t_suite
         files.write_json(os.path.join(out, "results.json"), results)
         title = f"{suite} suite ({base.num_steps} steps per run{', fast' if fast else ''})"
         files.atomic_write_text(os.path.join(out, "table.md"), render_tables(
-            results, names=[r.name for r in runs], modalities=info.modalities,
+            results, names=[r.name for r in runs if not r.keep], modalities=info.modalities,
             family=info.metric_family, num_seeds=seeds, title=title))
 
     # 4. results.json, table.md and plots, written before the unlearning step so that a failure
@@ -344,6 +386,17 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
         else:
             tqdm.write("note: unlearning comparison skipped (it starts from the erm run)")
     return results
+
+
+def linear_reference(config, info) -> dict:
+    """The linear reference row: full, and one linear specialist per missing condition."""
+    from modalimmune_jax import linear_reference as linear_lib  # noqa: PLC0415
+
+    load = lambda split: data_pipelines.load_split(config.dataset, split,
+                                                   data_dir=config.dataset.data_dir)
+    return linear_lib.linear_reference_conditions(
+        load("train"), load("test"), modalities=info.modalities, task=info.task,
+        metric_family=info.metric_family)
 
 
 def reproduce_command(suite: str, out: str, *, cache: bool = True, **kwargs) -> str:

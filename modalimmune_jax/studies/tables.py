@@ -14,9 +14,12 @@ from modalimmune_jax.metrics import LOWER_IS_BETTER, TABLE_METRICS
 from modalimmune_jax.training.evaluator import CURVE_METRIC, robustness_summary
 
 SUMMARY_KEYS = ("full", "missing", "missing_avg", "missing_mask", "missing_avg_mask",
-                "random_missing", "corruption", "reconstruction")
-# The columns of the field's missing-modality tables (MMSA / MulT / classification papers).
+                "random_missing", "random_missing_mask", "corruption", "reconstruction")
 KIND_TITLES = {"gaussian": "Gaussian", "timestep_drop": "Timestep drop"}
+PROTOCOLS = (("zero", ""), ("mask", "_mask"))  # (name, eval.json key suffix)
+# The comparison's baselines (DESIGN.md §4), ModalImmune's own floor included.
+COMPARED = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune-none")
+ORACLE = "oracle"
 
 def _drop_strings(tree):
     # robustness_summary tags each curve with its metric name; summarize_seeds needs numbers only.
@@ -47,6 +50,22 @@ def seed_robustness(eval_result: Mapping, metric: str, reference: Mapping | None
     return rob
 
 
+def oracle_eval(specialists: Mapping[str, Mapping]) -> dict:
+    """One seed's oracle row from its specialists' eval.json bodies.
+
+    Args:
+      specialists: ``{condition: eval.json body}`` of the model trained and evaluated on that
+        condition's kept modalities only (``config.use_modalities``).
+
+    Returns:
+      An eval.json-shaped body: ``missing`` (= ``missing_mask``: a specialist sees its condition
+      the same way under both protocols) per condition, and ``missing_avg`` (= ``_mask``).
+    """
+    per = {cond: dict(ev["full"]) for cond, ev in specialists.items()}
+    avg = {k: float(np.mean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
+    return {"missing": per, "missing_mask": per, "missing_avg": avg, "missing_avg_mask": avg}
+
+
 def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
               reference: Sequence[Mapping] | None = None) -> dict:
     """Per run name, every eval.json number as ``{"mean", "std"}`` over seeds.
@@ -70,37 +89,58 @@ def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
         rows = []
         for k, ev in enumerate(per_seed):
             row = {key: ev[key] for key in SUMMARY_KEYS if key in ev}
-            row["robustness"] = seed_robustness(
-                ev, metric, reference=None if reference is None else reference[k])
+            if "random_missing" in ev:  # the oracle row has no curves
+                row["robustness"] = seed_robustness(
+                    ev, metric, reference=None if reference is None else reference[k])
             rows.append(row)
         out[name] = robustness.summarize_seeds(rows)
     return out
 
 
 def compare_to_baselines(results: Mapping, *, metric: str, higher_is_better: bool,
-                         method: str = "modalimmune",
-                         baselines: Sequence[str] = ("erm", "moddrop", "consistency")) -> dict:
-    """The acceptance check of the suite: does `method` beat every baseline on ``missing_avg``?
+                         protocol: str = "zero", method: str = "modalimmune",
+                         baselines: Sequence[str] = COMPARED) -> dict:
+    """The acceptance check of the suite: does `method` beat every baseline on the missing Avg?
 
-    ``margin`` is ``method - best baseline`` (sign flipped for lower-is-better metrics, so > 0 is
-    better); ``pooled_std = sqrt((std_method^2 + std_best^2) / 2)``; ``holds`` is
-    ``margin > pooled_std``. ``full_gap_to_erm`` is ``method - erm`` on the full-modality metric
-    (same sign convention).
+    Under `protocol` (``"zero"`` or ``"mask"``), ``margin`` is ``method - best baseline`` (sign
+    flipped for lower-is-better metrics, so > 0 is better); ``pooled_std = sqrt((std_method^2 +
+    std_best^2) / 2)``; ``margin_in_pooled_std = margin / pooled_std``; ``holds`` is
+    ``margin > pooled_std`` and ``holds_2std`` is ``margin > 2 pooled_std`` (the bar of the
+    method issue). ``full_gap_to_erm`` is ``method - erm`` on the full-modality metric (same sign
+    convention); ``oracle_share`` is the method's Avg over the oracle's, when the oracle ran.
     """
+    suffix = dict(PROTOCOLS)[protocol]
     present = [b for b in baselines if b in results]
     if method not in results or not present:
         return {}
     sign = 1.0 if higher_is_better else -1.0
-    avg = lambda name: results[name]["missing_avg"][metric]
+    avg = lambda name: results[name]["missing_avg" + suffix][metric]
     best = max(present, key=lambda b: sign * avg(b)["mean"])
     margin = sign * (avg(method)["mean"] - avg(best)["mean"])
     pooled = float(np.sqrt((avg(method)["std"] ** 2 + avg(best)["std"] ** 2) / 2))
-    out = {"metric": metric, "best_baseline": best, "margin": float(margin),
-           "pooled_std": pooled, "holds": bool(margin > pooled)}
+    out = {"protocol": protocol, "metric": metric, "best_baseline": best,
+           "margin": float(margin), "pooled_std": pooled,
+           "margin_in_pooled_std": float(margin / pooled) if pooled > 0 else None,
+           "holds": bool(margin > pooled), "holds_2std": bool(margin > 2 * pooled)}
     if "erm" in results:
         full = lambda name: results[name]["full"][metric]["mean"]
         out["full_gap_to_erm"] = float(sign * (full(method) - full("erm")))
+    if ORACLE in results:
+        out["oracle_share"] = oracle_share(results, method, metric=metric, protocol=protocol)
     return out
+
+
+def oracle_share(results: Mapping, name: str, *, metric: str, protocol: str) -> float | None:
+    """`name`'s missing Avg as a share of the oracle's (ratio of the means over seeds)."""
+    suffix = dict(PROTOCOLS)[protocol]
+    if ORACLE not in results or name not in results:
+        return None
+    oracle = results[ORACLE]["missing_avg" + suffix][metric]["mean"]
+    mine = results[name]["missing_avg" + suffix][metric]["mean"]
+    if not oracle:
+        return None
+    # For a lower-is-better metric (MAE) the share is oracle / method, so 1.0 is still the top.
+    return float(oracle / mine if metric in LOWER_IS_BETTER else mine / oracle)
 
 
 def is_percent(metric: str) -> bool:
@@ -125,13 +165,26 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def missing_table(results: Mapping, *, names: Sequence[str], modalities: Sequence[str],
-                  metric: str) -> tuple[list[str], list[list[str]]]:
-    """Rows = run names; columns = Full, each missing condition (kept modalities), Avg."""
+                  metric: str, protocol: str = "zero") -> tuple[list[str], list[list[str]]]:
+    """Rows = run names; columns = Full, each missing condition (kept modalities), Avg.
+
+    Under `protocol`; with an oracle row in `results`, a last column gives each Avg as a share of
+    the oracle's, and the oracle row itself closes the table.
+    """
+    suffix = dict(PROTOCOLS)[protocol]
     conditions = [c for c, _ in robustness.missing_conditions(modalities)]
-    header = ["Method", "Full", *conditions, "Avg"]
-    rows = [[name, format_stat(results[name]["full"][metric], metric),
-             *(format_stat(results[name]["missing"][c][metric], metric) for c in conditions),
-             format_stat(results[name]["missing_avg"][metric], metric)] for name in names]
+    with_oracle = ORACLE in results
+    header = ["Method", "Full", *conditions, "Avg"] + (["Avg / oracle"] if with_oracle else [])
+    rows = []
+    for name in [*names, *([ORACLE] if with_oracle else [])]:
+        r = results[name]
+        row = [name, format_stat(r["full"][metric], metric) if "full" in r else "—",
+               *(format_stat(r["missing" + suffix][c][metric], metric) for c in conditions),
+               format_stat(r["missing_avg" + suffix][metric], metric)]
+        if with_oracle:
+            share = oracle_share(results, name, metric=metric, protocol=protocol)
+            row.append("—" if share is None else f"{100 * share:.1f}%")
+        rows.append(row)
     return header, rows
 
 
@@ -140,6 +193,8 @@ def robustness_table(results: Mapping, *, names: Sequence[str],
     """Rows = run names; RR and ER under random missing and each corruption kind (modality avg)."""
     kinds = sorted({k for name in names for k in results[name]["robustness"]["corruption_avg"]})
     blocks = [("Random missing", lambda r: r["random_missing"])]
+    if all("random_missing_mask" in results[name]["robustness"] for name in names):
+        blocks.append(("Random missing (mask)", lambda r: r["random_missing_mask"]))
     blocks += [(KIND_TITLES.get(k, k), lambda r, k=k: r["corruption_avg"][k]) for k in kinds]
     header = ["Method"]
     for title, _ in blocks:
@@ -177,15 +232,33 @@ def unlearning_table(unlearning: Mapping[str, Mapping], *,
     return ["Method", *keys], rows
 
 
+def _comparison_sentence(cmp: Mapping) -> str:
+    if not cmp:
+        return ""
+    share = ("" if cmp.get("oracle_share") is None
+             else f" It reaches {100 * cmp['oracle_share']:.1f}% of the oracle's Avg.")
+    # Without an erm run there is no gap to state (0.0 would read as a measurement).
+    gap = ("" if "full_gap_to_erm" not in cmp else
+           f" Full-modality gap to erm: {cmp['full_gap_to_erm']:+.4f} (positive is better).")
+    ratio = cmp.get("margin_in_pooled_std")
+    ratio = "" if ratio is None else f" ({ratio:+.1f} pooled std)"
+    return (f"Under `{cmp['protocol']}`, modalimmune's Avg against the best baseline "
+            f"({cmp['best_baseline']}): margin {cmp['margin']:+.4f}, pooled std "
+            f"{cmp['pooled_std']:.4f}{ratio}.{share}{gap}\n")
+
+
 def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequence[str],
                   family: str, num_seeds: int, title: str = "Results") -> str:
-    """table.md: the missing-modality table per main metric, the robustness table, unlearning.
+    """table.md: the missing-modality tables (one per protocol and main metric), robustness,
+    the linear reference and unlearning.
 
     Rows run on fewer seeds than ``num_seeds`` (``_meta.seeds_per_run``) are marked with their
-    count; ``_meta.comparison`` (`compare_to_baselines`) is stated under the first table.
+    count; ``_meta.comparison`` (`compare_to_baselines`, per protocol) is stated under each table
+    of the first metric.
     """
     seeds = f"mean ± std over {num_seeds} seed{'s' if num_seeds != 1 else ''}"
-    per_run = results.get("_meta", {}).get("seeds_per_run", {})
+    meta = results.get("_meta", {})
+    per_run = meta.get("seeds_per_run", {})
 
     def table(header_rows):
         header, rows = header_rows
@@ -197,50 +270,72 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
 
     curve = CURVE_METRIC[family]
     n_cond = len(robustness.missing_conditions(modalities))
+    protocol_text = {"zero": "zero-filled with the presence mask left at 1 (`zero` protocol: the "
+                             "model is not told)",
+                     "mask": "zero-filled and flagged absent in the presence mask (`mask` "
+                             "protocol: the model is told)"}
+    oracle = (" The oracle row: per condition, the same model trained with erm on the kept "
+              "modalities only (a specialist); Avg / oracle is each method's Avg as a share of "
+              "the oracle's." if ORACLE in results else "")
     parts = [f"# {title}\n"]
     number = 0
-    for metric in TABLE_METRICS[family]:
-        number += 1
-        unit = " (%)" if is_percent(metric) else ""
-        parts.append(
-            f"**Table {number}.** Test-split `{metric}`{unit} with modalities missing; {seeds} "
-            f"(population std). Full: every modality present. Each further column keeps only the "
-            f"named modalities; the others are zero-filled with the presence mask left at 1 "
-            f"(`zero` protocol, DESIGN.md §5). Avg: the mean over the {n_cond} missing "
-            f"conditions.\n")
-        parts.append(table(missing_table(results, names=names, modalities=modalities,
-                                         metric=metric)))
-        cmp = results.get("_meta", {}).get("comparison", {})
-        if number == 1 and cmp:
-            verdict = "more" if cmp["holds"] else "not more"
-            # Without an erm run there is no gap to state (0.0 would read as a measurement).
-            gap = ("" if "full_gap_to_erm" not in cmp else
-                   f" Full-modality gap to erm: {cmp['full_gap_to_erm']:+.4f} (positive is "
-                   "better).")
+    for i, metric in enumerate(TABLE_METRICS[family]):
+        for protocol, _ in PROTOCOLS:
+            number += 1
+            unit = " (%)" if is_percent(metric) else ""
             parts.append(
-                f"modalimmune's Avg against the best baseline ({cmp['best_baseline']}): margin "
-                f"{cmp['margin']:+.4f}, pooled std {cmp['pooled_std']:.4f}, so {verdict} than the "
-                f"pooled std.{gap}\n")
+                f"**Table {number}.** Test-split `{metric}`{unit} with modalities missing, "
+                f"`{protocol}` protocol; {seeds} (population std). Full: every modality present. "
+                f"Each further column keeps only the named modalities; the others are "
+                f"{protocol_text[protocol]}, DESIGN.md §5. Avg: the mean over the {n_cond} "
+                f"missing conditions.{oracle}\n")
+            parts.append(table(missing_table(results, names=names, modalities=modalities,
+                                             metric=metric, protocol=protocol)))
+            if i == 0:
+                parts.append(_comparison_sentence(meta.get("comparison", {}).get(protocol, {})))
     number += 1
     unit = " (%)" if is_percent(curve) else ""
     parts.append(
         f"**Table {number}.** Robustness on the test split, from the `{curve}`{unit} curves; "
         f"{seeds}. RR (relative robustness, MultiBench): the area under the metric-vs-level curve "
         f"divided by the level range (random missing: rates 0.0-0.7 per sample and modality, at "
-        f"least one kept, `zero` protocol; corruption: levels 0.0-0.9 of one modality at a time, "
-        f"averaged over the {len(modalities)} modalities). ER (effective robustness): the same "
-        f"area for the gap to the erm curve of the same seed shifted to match at level 0, so erm "
-        f"scores 0 and positive is more robust than erm.\n")
+        f"least one kept, `zero` protocol, then `mask`; corruption: levels 0.0-0.9 of one "
+        f"modality at a time, averaged over the {len(modalities)} modalities). ER (effective "
+        f"robustness): the same area for the gap to the erm curve of the same seed shifted to "
+        f"match at level 0, so erm scores 0 and positive is more robust than erm.\n")
     parts.append(table(robustness_table(results, names=names, metric=curve)))
+    if results.get("linear"):
+        number += 1
+        metric = TABLE_METRICS[family][0]
+        parts.append(
+            f"**Table {number}.** The linear reference: scikit-learn logistic regression (ridge "
+            f"for regression) on standardized, time-pooled features, test split `{metric}`. "
+            f"Full: on every modality; each condition: a linear specialist trained on the kept "
+            f"modalities only. Deterministic (no seeds).\n")
+        parts.append(_markdown(*linear_table(results["linear"], modalities=modalities,
+                                             metric=metric)) + "\n")
     if results.get("unlearning"):
         metric = TABLE_METRICS[family][0]
         number += 1
         parts.append(
             f"**Table {number}.** Modality unlearning on the erm seed-0 run, one seed, test split: "
             f"forget quality (probe and alone accuracy on the forgotten modality, its information "
-            f"gain), retained `{metric}` and wall time (s). See `experiments/unlearn.py`.\n")
+            f"gain), retained `{metric}` and wall time (s). See `modalimmune_jax/studies/"
+            f"unlearn.py`.\n")
         parts.append(_markdown(*unlearning_table(results["unlearning"], metric=metric)) + "\n")
     return "\n".join(parts)
+
+
+def linear_table(linear: Mapping, *, modalities: Sequence[str],
+                 metric: str) -> tuple[list[str], list[list[str]]]:
+    """One row: the linear reference, full and per condition (specialists), and their Avg."""
+    conditions = [c for c, _ in robustness.missing_conditions(modalities)]
+    scale = 100.0 if is_percent(metric) else 1.0
+    fmt = lambda v: f"{scale * v:.1f}" if is_percent(metric) else f"{v:.3f}"
+    row = ["linear", fmt(linear["full"][metric]),
+           *(fmt(linear["missing"][c][metric]) for c in conditions),
+           fmt(linear["missing_avg"][metric]) if linear.get("missing_avg") else "—"]
+    return ["Method", "Full", *conditions, "Avg"], [row]
 
 
 def compact_rows(results: Mapping, *, names: Sequence[str], metric: str) -> list[list[str]]:

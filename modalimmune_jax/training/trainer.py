@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data_pipelines
 from modalimmune_jax import methods
+from modalimmune_jax.interventions import gate_modalities
 from modalimmune_jax.model import create_model, make_apply_fns
 from modalimmune_jax.spectral import spectral_collapse
 from modalimmune_jax.training import checkpoint, files, summary
@@ -123,9 +124,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks = NO_HOO
     abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     apply_fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+    keep = used_modalities(config, info)
+    if not all(keep):  # a specialist: the other modalities are cut off at the input, for good
+        apply_fns = gate_modalities(apply_fns, keep, modalities=info.modalities)
     if hooks.wrap_apply_fns is not None:
         apply_fns = hooks.wrap_apply_fns(apply_fns, info)
     return Setup(info, data_dir, build_model, apply_fns)
+
+
+def used_modalities(config, info) -> list[float]:
+    """``[M]`` 1/0: the modalities ``config.use_modalities`` keeps ("" or "all": every one)."""
+    names = [m.strip() for m in config.use_modalities.split(",") if m.strip()]
+    if not names or names == ["all"]:
+        return [1.0] * len(info.modalities)
+    unknown = [m for m in names if m not in info.modalities]
+    if unknown:
+        raise ConfigError(f"config.use_modalities: unknown modality {unknown[0]!r}; expected "
+                          f"some of {info.modalities}")
+    return [float(m in names) for m in info.modalities]
 
 
 def _method(config, built: Setup, hooks: Hooks):

@@ -42,14 +42,16 @@ def _config(preset="digits,tiny", **fields):
     return config
 
 
-def _npz(tmp, mutate=None, meta=None, **kw):
+def _npz(tmp, mutate=None, meta=None, *, method="erm", **kw):
     """A DESIGN.md §7 npz folder (tests/data_fixtures.py), `mutate`d; returns its config."""
+    kw.setdefault("sizes", (64, 32, 32))
     data = data_fixtures.npz_data(**kw)
     if mutate is not None:
         mutate(data)
     folder = str(tmp / "npz")
     data_fixtures.write_npz_folder(folder, data=data, meta=meta)
-    return _config("npz,tiny", dataset__path=folder)
+    return _config("npz,tiny", dataset__path=folder, method=method, batch_size=16,
+                   eval__batch_size=32)
 
 
 def _mult(tmp, mutate=None):
@@ -60,6 +62,27 @@ def _mult(tmp, mutate=None):
     folder = str(tmp / "mosi")
     data_fixtures.write_pickle(os.path.join(folder, data_fixtures.MULT_FILES["mosi"]), data)
     return _config("cmu_mosi,tiny", dataset__path=folder)
+
+
+def _setall(key, fn):
+    def mutate(data):
+        for split in data:
+            data[split][key] = fn(data[split][key])
+    return mutate
+
+
+def _delall(key):
+    def mutate(data):
+        for split in data:
+            del data[split][key]
+    return mutate
+
+
+def _rename(old, new):
+    def mutate(data):
+        for split in data:
+            data[split][new] = data[split].pop(old)
+    return mutate
 
 
 def _setitem(split, key, fn):
@@ -136,11 +159,44 @@ IN_PROCESS = {
                            ["mosi_data.pkl", "'valid'", "'audio'"]),
     "pickle_wrong_rank": (lambda tmp: _mult(tmp, _setitem("train", "vision", lambda x: x[:, 0])),
                           ["mosi_data.pkl", "'vision'", "rank 3"]),
+    # Issue 11's cases.
+    "npz_zero_features": (
+        lambda tmp: _npz(tmp, _setall("alpha", lambda x: x[:, :0])),
+        ["train.npz", "'alpha'", "0 features", "(64, 0)"]),
+    "npz_single_class": (lambda tmp: _npz(tmp, _setall("labels", lambda y: 0 * y)),
+                         ["train.npz", "'labels'", "one class"]),
+    "negative_seed": (lambda tmp: _config(seed=-1), ["config.seed", "-1"]),
+    # Our own: inputs a user could plausibly give.
+    "seed_too_large": (lambda tmp: _config(seed=2**32), ["config.seed", "4294967296"]),
+    "nan_lr": (lambda tmp: _config(optimizer__lr=float("nan")), ["config.optimizer.lr", "nan"]),
+    "mask_prob_above_one": (lambda tmp: _config(removal__mask_prob=1.5),
+                            ["config.removal.mask_prob", "1.5"]),
+    "unknown_use_modality": (lambda tmp: _config(use_modalities="left,sonar"),
+                             ["config.use_modalities", "'sonar'"]),
+    "unknown_eval_protocol": (lambda tmp: _config(eval__protocol="fast"),
+                              ["config.eval.protocol", "'fast'"]),
+    "negative_ogm_alpha": (lambda tmp: _config(method="ogm_ge", ogm_ge__alpha=-1.0),
+                           ["config.ogm_ge.alpha"]),
+    "robust_method_on_one_modality": (
+        lambda tmp: _npz(tmp, _delall("zeta"), method="moddrop"),
+        ["config.method='moddrop'", "2 modalities", "alpha"]),
+    "npz_reserved_modality_name": (
+        lambda tmp: _npz(tmp, _rename("alpha", "mask")), ["'mask'", "reserved"]),
+    "npz_negative_label": (lambda tmp: _npz(tmp, _setitem("test", "labels", lambda y: y - 1)),
+                           ["test.npz", "'labels'", "negative"]),
+    "npz_nan_regression_label": (
+        lambda tmp: _npz(tmp, _setitem("train", "labels", _put(3, np.nan)),
+                         meta={"task": "regression"}), ["train.npz", "'labels'", "NaN"]),
 }
 
 def _train(*args, env=None, config=None):
     """A subprocess case: (module, argv after it, extra env, the workdir's saved config)."""
     return "experiments.train", list(args), env or {}, config
+
+
+def _binary(module, *args, workdir=True):
+    """A subprocess case for any binary; `workdir`: append the test's --workdir."""
+    return module, list(args), {}, None if workdir else "no-workdir"
 
 
 def _unlearn(tmp, *args):
@@ -184,6 +240,29 @@ SUBPROCESS = {
                                  ["--forget='sonar'", "left"]),
     "unlearn_hparams_typo": (lambda tmp: _unlearn(tmp, "--forget=left", "--hparams.lrr=1"),
                              ["--hparams.lrr", "Did you mean"]),
+    # Issue 11's cases.
+    "evaluate_split_typo": (lambda tmp: _binary("experiments.evaluate", "--split=tset"),
+                            ["--split=tset", "test|valid"]),
+    "reproduce_suite_typo": (
+        lambda tmp: _binary("experiments.reproduce", "--suite=digts", f"--out={tmp / 'o'}"),
+        ["--suite=digts", "digits"]),
+    "stray_positional_argument": (lambda tmp: _train(f"--config={CONFIG}:digits,", "tiny"),
+                                  ["unexpected argument", "'tiny'"]),
+    # Our own.
+    "evaluate_workdir_without_config": (
+        lambda tmp: _binary("experiments.evaluate", f"--workdir={tmp / 'empty'}", workdir=False),
+        ["--workdir=", "empty", "no config.json"]),
+    "reproduce_zero_seeds": (
+        lambda tmp: _binary("experiments.reproduce", "--suite=digits", "--seeds=0",
+                            f"--out={tmp / 'o'}"), ["--seeds", "0"]),
+    "unlearn_negative_steps": (lambda tmp: _unlearn(tmp, "--forget=left", "--steps=-1"),
+                               ["--steps=-1"]),
+    "build_dataset_typo": (
+        lambda tmp: _binary("data_pipelines.build", "--dataset=mnsit",
+                            f"--data_dir={tmp / 'd'}"), ["--dataset=mnsit", "digits"]),
+    "benchmark_out_is_a_folder": (
+        lambda tmp: _binary("experiments.benchmark", f"--out={tmp}", "--fast"),
+        ["--out=", "is a directory"]),
 }
 
 
@@ -248,11 +327,16 @@ def test_bad_input_cli(name, tmp_path):
     make_args, needles = SUBPROCESS[name]
     module, args, env_extra, saved = make_args(tmp_path)
     workdir = str(tmp_path / "work")
-    _populate(workdir, saved or default.get_config("digits,tiny"))
+    _populate(workdir, default.get_config("digits,tiny") if saved in (None, "no-workdir")
+              else saved)
     before = _snapshot(workdir)
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
     env.pop("MODALIMMUNE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", module, *args, f"--workdir={workdir}"],
+    takes_workdir = saved != "no-workdir" and module in ("experiments.train",
+                                                         "experiments.evaluate",
+                                                         "experiments.unlearn")
+    proc = subprocess.run([sys.executable, "-m", module, *args,
+                           *([f"--workdir={workdir}"] if takes_workdir else [])],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     _assert_one_line_error(proc.returncode, proc.stderr, needles)
     _assert_untouched(before, workdir)
@@ -309,3 +393,43 @@ def test_make_optimizer_clamps_the_warmup(num_steps, warmup):
     updates, _ = tx.update({"w": np.ones(3, np.float32)}, tx.init(params), params)
     assert np.all(np.isfinite(optax.tree.norm(updates)))
 
+
+
+# ------------------------------------------------------------------- valid JSON, one modality
+
+
+def _strict_load(path):
+    """json.load that refuses NaN / Infinity (what strict JSON parsers do)."""
+    def refuse(token):
+        raise ValueError(f"{path}: non-standard JSON token {token}")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_one_modality_dataset_trains_and_writes_strict_json(tmp_path):
+    """An npz folder with a single view has no missing condition: eval.json says so (no NaN)."""
+    config = _npz(tmp_path, _delall("zeta"))
+    workdir = str(tmp_path / "one")
+    with config.unlocked():
+        config.num_steps, config.checkpoint_every, config.eval_every = 4, 4, 4
+    text = trainer.train_command(config, workdir)
+    results = _strict_load(os.path.join(workdir, "eval.json"))
+    assert results["missing"] == {} and results["missing_mask"] == {}
+    assert results["missing_avg"] is None and results["missing_avg_mask"] is None
+    assert "no missing-modality condition" in results["missing_note"]
+    assert "no missing-modality condition" in text  # the closing summary says it too
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"metrics.jsonl: {token}"))
+    _strict_load(os.path.join(workdir, "config.json"))
+
+
+def test_every_json_writer_is_strict(tmp_path):
+    from modalimmune_jax.training import files
+
+    record = {"bound": float("inf"), "valid": np.float32(0.0), "nan": float("nan"),
+              "nested": [np.array([1.0, np.nan]), {"x": -np.inf}], "n": np.int32(3)}
+    line = json.loads(files.json_line(record), parse_constant=pytest.fail)
+    assert line == {"bound": None, "valid": 0.0, "nan": None, "nested": [[1.0, None],
+                                                                          {"x": None}], "n": 3}
+    files.write_json(str(tmp_path / "x.json"), record)
+    assert _strict_load(str(tmp_path / "x.json")) == line

@@ -53,6 +53,8 @@ FACTORIES = {
     "modalimmune": _modalimmune,
 }
 METHODS = tuple(FACTORIES)
+# Methods that remove or rebalance modalities: meaningless with a single one.
+MULTIMODAL_ONLY = ("moddrop", "ogm_ge", "modalimmune")
 
 
 def make_method(name, apply_fns, *, info, config) -> Method:

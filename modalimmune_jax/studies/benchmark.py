@@ -41,6 +41,7 @@ from modalimmune_jax.training import config as config_lib
 from modalimmune_jax.training import files, trainer
 from modalimmune_jax.training import mesh as mesh_lib
 from modalimmune_jax.training import step as step_lib
+from modalimmune_jax.training.errors import ConfigError
 
 STEP_METHODS = ("erm", "moddrop", "consistency", "modalimmune")
 HYPERGRAD_TERMS = (5, 20, 80)
@@ -361,6 +362,8 @@ def benchmark_command(config, out: str, *, fast: bool, repeats: int = 0,
                       data_dir: str = "") -> str:
     """`experiments.benchmark`: runs `run_benchmark`, writes `out`, returns the JSON text."""
     out = config_lib.absolute_path(out)
+    if os.path.isdir(out):
+        raise ConfigError(f"--out={out}: is a directory; give the JSON file to write")
     repeats = repeats or (3 if fast else 7)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_benchmark(config, data_dir=config_lib.absolute_path(data_dir) or tmp,

@@ -105,6 +105,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks = NO_HOO
     config_lib.validate_config(config, methods=methods.METHODS)
     data_dir = config.dataset.data_dir or os.path.join(workdir, "data")
     info = data_pipelines.prepare(config.dataset, data_dir=data_dir)
+    if config.method in methods.MULTIMODAL_ONLY and len(info.modalities) < 2:
+        raise ConfigError(f"config.method={config.method!r} needs at least 2 modalities (it "
+                          f"removes or rebalances them); this dataset has one, "
+                          f"{info.modalities[0]!r}. Use config.method='erm'.")
     if config.batch_size > info.split_sizes["train"]:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is larger than the training split "

@@ -1,5 +1,6 @@
 r"""Runs methods × seeds of one suite; writes results.json, table.md and plots (DESIGN.md §5, §7).
 
+  python -m experiments.reproduce --suite=digits --quick --out=runs/quickstart
   python -m experiments.reproduce --suite=synthetic --out=runs/repro_syn --fast
   python -m experiments.reproduce --suite=digits --out=runs/repro_digits --seeds=3
   python -m experiments.reproduce --suite=cmu_mosi --dataset_path=/data/MOSI --out=runs/mosi
@@ -19,6 +20,10 @@ from modalimmune_jax.training import cli
 _SUITE = flags.DEFINE_enum("suite", None, suite.SUITES, "Which dataset suite to run.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (runs, results.json, table.md, plots).")
 _FAST = flags.DEFINE_bool("fast", False, "Fewer steps per run (suite.FAST_STEPS) for a quick look.")
+_QUICK = flags.DEFINE_bool("quick", False, "The README's first command: erm, moddrop and "
+                           "modalimmune, one seed, --fast steps, no ablation/oracle/unlearning.")
+_ORACLE = flags.DEFINE_bool("oracle", None, "Train the per-condition specialists (the oracle row); "
+                            "default: on for --suite=digits without --fast.")
 _TINY = flags.DEFINE_bool("tiny", False, "The config's `tiny` modifier (smoke tests).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "Steps per run; 0 keeps the preset/--fast value.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 per method.")
@@ -44,7 +49,8 @@ def main(argv):
         seeds=_SEEDS.value, fast=_FAST.value, tiny=_TINY.value, num_steps=_NUM_STEPS.value,
         dataset_path=_DATASET_PATH.value, method_names=tuple(_METHODS.value),
         ablation=not _NO_ABLATION.value, ablation_seeds=_ABLATION_SEEDS.value,
-        unlearning=not _NO_UNLEARNING.value, workers=_WORKERS.value))
+        unlearning=not _NO_UNLEARNING.value, workers=_WORKERS.value, quick=_QUICK.value,
+        oracle=_ORACLE.value))
 
 
 if __name__ == "__main__":

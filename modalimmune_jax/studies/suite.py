@@ -52,6 +52,8 @@ ORACLE_PREFIX = "oracle:"
 BASELINES = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune")
 # The config.mi switches of DESIGN.md §3, each turned off in turn for the ablation.
 ABLATION_COMPONENTS = ("controller", "collapse", "regularizer", "curvature", "meta")
+# --quick: the first command of the README, ModalImmune against erm and moddrop in minutes.
+QUICK_METHODS = ("erm", "moddrop", "modalimmune")
 FAST_STEPS = {"synthetic": 600, "digits": 500, "npz": 1000, "cmu_mosi": 1000, "cmu_mosei": 1000,
               "iemocap": 1000}
 # eval.json blocks carried into results.json (robustness is recomputed against erm).
@@ -98,16 +100,18 @@ def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = Fal
 
 
 def make_runs(method_names: Sequence[str], *, ablation: bool, oracle: bool = False,
-              modalities: Sequence[str] = ()) -> list[Run]:
-    """The table rows: each method; with modalimmune, its floor ``modalimmune-none`` and (with
-    `ablation`) one row per component off; with `oracle`, one erm specialist per condition."""
+              modalities: Sequence[str] = (), floor: bool = True) -> list[Run]:
+    """The table rows: each method; with modalimmune, its floor ``modalimmune-none`` (unless not
+    `floor`) and (with `ablation`) one row per component off; with `oracle`, one erm specialist
+    per condition."""
     for name in method_names:
         if name not in methods_lib.METHODS:
             raise ConfigError(f"--methods: unknown method {name!r}; expected some of "
                               f"{methods_lib.METHODS}")
     runs = [Run(name, name) for name in method_names]
     if "modalimmune" in method_names:
-        runs.append(Run("modalimmune-none", "modalimmune", ABLATION_COMPONENTS))
+        if floor:
+            runs.append(Run("modalimmune-none", "modalimmune", ABLATION_COMPONENTS))
         if ablation:
             runs += [Run(f"modalimmune-no_{c}", "modalimmune", (c,))
                      for c in ABLATION_COMPONENTS]
@@ -280,8 +284,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
               tiny: bool = False, num_steps: int = 0, dataset_path: str = "",
               method_names: Sequence[str] = BASELINES, ablation: bool = True,
               unlearning: bool = True, ablation_seeds: int = 0, workers: int = 1,
-              oracle: bool | None = None, linear: bool = True, train_job=None,
-              unlearn_job=None) -> dict[str, Any]:
+              oracle: bool | None = None, linear: bool = True, quick: bool = False,
+              train_job=None, unlearn_job=None) -> dict[str, Any]:
     """Runs the suite into `out` (see the module docstring) and returns results.json's body.
 
     Args:
@@ -293,10 +297,15 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
       oracle: train the per-condition specialists (the oracle row); None: by default on the
         digits suite, unless `fast`.
       linear: add the linear reference (scikit-learn, seconds).
+      quick: the README's first command: `fast` steps, one seed, `QUICK_METHODS`, no floor,
+        ablation, oracle or unlearning.
       train_job, unlearn_job: stand-ins for `_train_job` and `_unlearn_job` (tests: a run that
         must not happen, a fake unlearning); module-level functions when ``workers > 1``.
     """
     # 1. Output folder, shared data and the base config.
+    if quick:
+        fast, seeds, method_names, ablation, unlearning, oracle = (
+            True, 1, QUICK_METHODS, False, False, False)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = os.path.abspath(out)
@@ -305,7 +314,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
     info = data_pipelines.prepare(base.dataset, data_dir=base.dataset.data_dir)
     if oracle is None:
         oracle = suite == "digits" and not fast
-    runs = make_runs(method_names, ablation=ablation, oracle=oracle, modalities=info.modalities)
+    runs = make_runs(method_names, ablation=ablation, oracle=oracle, modalities=info.modalities,
+                     floor=not quick)
     curve = CURVE_METRIC[info.metric_family]
     wall_path = os.path.join(out, "wall_times.json")
     wall = files.read_json(wall_path) if os.path.exists(wall_path) else {}
@@ -346,7 +356,7 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
                                 for k in range(seeds)]
     results = aggregate(evals, metric=curve, reference=evals.get("erm"))
     results["_meta"] = {
-        "suite": suite, "seeds": list(range(seeds)), "fast": fast, "tiny": tiny,
+        "suite": suite, "seeds": list(range(seeds)), "fast": fast, "tiny": tiny, "quick": quick,
         "steps": base.num_steps, "runs": [r.name for r in runs],
         "modalities": list(info.modalities), "metric_family": info.metric_family,
         "curve_metric": curve, "table_metrics": list(TABLE_METRICS[info.metric_family]),

@@ -36,6 +36,15 @@ def _dataset(preset: str) -> ml_collections.ConfigDict:
     ds.layout = "auto"
     # Pad/truncate every sequence to this many timesteps; 0 keeps the stored length.
     ds.max_len = 0
+    # Feature normalization, fitted on the train split when the dataset is built (a new value
+    # rebuilds): "none" | "standardize" (per feature, valid timesteps only; MMSA's -inf audio and
+    # padding stay 0). data_pipelines/pipeline.py's DEFAULT_NORMALIZE holds the same defaults.
+    # - npz: standardize. A user's views can differ in scale by 1000x (issue 14; DESIGN.md §6).
+    # - cmu_mosi / cmu_mosei / iemocap: none. MMSA's data_loader and MulT's dataset.py feed the
+    #   published features as they are (only audio -inf -> 0; MMSA's `need_normalized` averages
+    #   over time, it does not rescale), and their published numbers are on those features.
+    # - digits, synthetic: chosen on valid (erm, seed 0; numbers in get_config's digits block).
+    ds.normalize = {"npz": "standardize", "digits": "standardize"}.get(ds.name, "none")
     # synthetic only: "classification" or "regression".
     ds.task = "regression" if preset == "synthetic_regression" else "classification"
     # synthetic only: sizes and generator seed (the data stay fixed across training seeds).
@@ -98,6 +107,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.d = 64
     config.model.d_h = 128
     config.model.num_heads = 4
+    # Dropout rate on each encoder's output and on the joint representation; active only in the
+    # training passes of erm / moddrop / consistency (methods get it by passing a key).
+    config.model.dropout = 0.0
+    # LayerNorm over each modality's features before its encoder (model.py: a removed, zero-filled
+    # modality maps to the LayerNorm bias, one fixed input for every example).
+    config.model.input_norm = False
 
     config.loss = ml_collections.ConfigDict()
     # Regression loss: l1 (MMSA's choice for MOSI/MOSEI) or mse.

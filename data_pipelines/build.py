@@ -8,8 +8,9 @@ Usage::
 
 ``--manual_dir`` is the folder (or file) holding the user's files: the published pickles for
 cmu_mosi / cmu_mosei / iemocap, or the npz folder; it is ``config.dataset.path`` in a training
-config. A later run with the same dataset, files, layout, max_len and normalize reuses the build. Synthetic
-builds use the default knobs (data_pipelines/synthetic.py) unless overridden by the flags below.
+config. A later run with the same dataset, files, layout, max_len and normalize reuses the build.
+Synthetic builds use the default knobs (data_pipelines/synthetic.py) unless overridden by the flags
+below.
 """
 
 import dataclasses
@@ -57,7 +58,7 @@ def main(argv):
     out = dataclasses.asdict(info)
     # The per-feature statistics run to thousands of numbers (768 BERT features): they are in the
     # build's metadata.json; print their size only.
-    for key in ("feature_std", "pooled_variance", "normalization"):
+    for key in ("feature_std", "pooled_mean", "pooled_variance", "normalization"):
         out[key] = f"{len(out[key])} modalities (see the build's metadata.json)"
     print(json.dumps(out, indent=2))
 

@@ -144,18 +144,21 @@ def statistics(src: SourceData) -> dict[str, dict[str, list[float]]]:
     """What the losses and baselines need from the stored train split, as JSON-ready lists.
 
     Returns:
-      ``{"feature_std": {m: [D_m]}, "pooled_variance": {m: [D_m]}}``: the population std of each
-      feature over its values (valid, non-absent entries), and the population variance over the
-      train examples of each time-pooled feature (DESIGN.md §3.5's ``sigma^2_mj``). No floor is
-      applied here; the consumers decide (``losses.reconstruction_variances``).
+      ``{"feature_std": {m: [D_m]}, "pooled_mean": {m: [D_m]}, "pooled_variance": {m: [D_m]}}``:
+      the population std of each feature over its values (valid, non-absent entries), and the
+      mean and population variance over the train examples of each time-pooled feature
+      (DESIGN.md §3.5's ``sigma^2_mj``). No floor is applied here; the consumers decide
+      (``model.reconstruction_stats``).
     """
     train, absent = src.splits["train"], src.absent.get("train", {})
-    feature_std, pooled_variance = {}, {}
+    out = {"feature_std": {}, "pooled_mean": {}, "pooled_variance": {}}
     for i, m in enumerate(src.modalities):
         _, _, var = _moments(train, absent, m, i)
-        feature_std[m] = np.sqrt(var).tolist()
-        pooled_variance[m] = pooled(train[m], train["lengths"][:, i]).var(axis=0).tolist()
-    return {"feature_std": feature_std, "pooled_variance": pooled_variance}
+        out["feature_std"][m] = np.sqrt(var).tolist()
+        p = pooled(train[m], train["lengths"][:, i])  # [N, D]
+        out["pooled_mean"][m] = p.mean(axis=0).tolist()
+        out["pooled_variance"][m] = p.var(axis=0).tolist()
+    return out
 
 
 def to_json(stats: dict[str, dict[str, np.ndarray]] | None, mode: str) -> dict[str, Any]:

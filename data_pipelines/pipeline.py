@@ -70,9 +70,10 @@ class DatasetInfo:
       feature_std: per modality, ``D_m`` floats: the population std of each stored feature over
         the train split's values (valid timesteps, MMSA's -inf left out). About 1 after
         standardization (0 for a constant feature). Empty for a hand-made DatasetInfo.
-      pooled_variance: per modality, ``D_m`` floats: the train variance of each time-pooled stored
-        feature, the ``sigma^2_mj`` of the scale-free reconstruction loss (DESIGN.md §3.5). Empty
-        for a hand-made DatasetInfo (``losses.reconstruction_variances`` then uses 1).
+      pooled_mean, pooled_variance: per modality, ``D_m`` floats: the train mean and variance of
+        each time-pooled stored feature (the reconstruction targets); the variance is the
+        ``sigma^2_mj`` of the scale-free reconstruction loss (DESIGN.md §3.5). Empty for a
+        hand-made DatasetInfo (``model.reconstruction_stats`` then uses 0 and 1).
       normalization: per modality ``{"mean": D_m floats, "scale": D_m floats}``, the standardization
         fitted on train (maps a stored feature back: ``x = x' * scale + mean``); empty for "none".
     """
@@ -88,6 +89,7 @@ class DatasetInfo:
     normalize: str = "none"
     # repr=False: hundreds of floats per modality would bury the rest of the record in logs.
     feature_std: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, repr=False)
+    pooled_mean: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, repr=False)
     pooled_variance: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict,
                                                                       repr=False)
     normalization: dict[str, dict[str, tuple[float, ...]]] = dataclasses.field(
@@ -233,6 +235,7 @@ def _describe(name: str, builder: tfds.core.DatasetBuilder, path: str) -> Datase
             label_names=tuple(meta["label_names"]),
             normalize=meta["normalization"]["mode"],
             feature_std=_per_modality(meta["statistics"]["feature_std"], modalities),
+            pooled_mean=_per_modality(meta["statistics"]["pooled_mean"], modalities),
             pooled_variance=_per_modality(meta["statistics"]["pooled_variance"], modalities),
             normalization={
                 m: {k: tuple(float(v) for v in meta["normalization"][k][m])

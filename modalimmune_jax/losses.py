@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from modalimmune_jax.model import _time_mask, masked_mean
+from modalimmune_jax.model import _time_mask, masked_mean, reconstruction_stats
 
 REGRESSION_LOSSES = ("l1", "mse")
 
@@ -73,28 +72,14 @@ def reconstruction_loss(recon: Sequence[jax.Array], targets: Sequence[jax.Array]
                for r, t, v in zip(recon, targets, variances, strict=True))
 
 
-# A pooled feature whose train variance is below this fraction of its modality's mean variance is
-# treated as having that much: a (near-)constant feature is fitted exactly by the decoder's bias,
-# and dividing its residual rounding error by ~0 would swamp the loss instead.
-VARIANCE_FLOOR = 1e-6
-
-
 def reconstruction_variances(info) -> tuple[jax.Array, ...]:
     """The σ²_mj of `reconstruction_loss` from a DatasetInfo: per modality ``[D_m]`` float32.
 
-    ``max(var_j, VARIANCE_FLOOR * mean_j var_j)`` of ``info.pooled_variance`` (the stored train
-    split's pooled features; data_pipelines/normalization.py). Relative, so still scale-free. A
-    modality whose every pooled feature is constant, and a hand-made DatasetInfo without
-    statistics (tests, toys), get unit variances: the raw mean squared error.
+    The floored train variances of the pooled stored features (``model.reconstruction_stats``);
+    unit variances for a hand-made info without statistics.
     """
-    out = []
-    for m in info.modalities:
-        d = info.feature_shapes[m][-1]
-        var = getattr(info, "pooled_variance", {}).get(m)
-        var = np.ones(d) if var is None else np.asarray(var, np.float64)
-        floor = VARIANCE_FLOOR * var.mean()
-        out.append(jnp.asarray(np.maximum(var, floor) if floor > 0 else np.ones(d), jnp.float32))
-    return tuple(out)
+    stats = reconstruction_stats(info)
+    return tuple(jnp.asarray(stats[m][1], jnp.float32) for m in info.modalities)
 
 
 def r2_per_modality(recon: Sequence[jax.Array], targets: Sequence[jax.Array]) -> jax.Array:

@@ -3,7 +3,10 @@
 Per-modality encoders ``E_m`` map ``x_m`` (``[B, T_m, D_m]`` or ``[B, D_m]``) to ``z_m`` ``[B, d]``;
 the fusion ``F`` maps the stacked ``z`` ``[B, M, d]`` and the presence mask ``[B, M]`` to the joint
 ``h`` ``[B, d_h]``; a head gives predictions; per-modality decoders ``D_m(h)`` reconstruct the
-time-pooled features of every modality (§3.5).
+time-pooled features of every modality (§3.5). Each decoder is a linear map in units of its
+targets' train statistics, ``D_m(h) = mu_m + sigma_m * (W_m h + b_m)``, so its output starts at the
+targets' scale whatever the features' units, and the scale-free reconstruction loss
+(``losses.reconstruction_loss``) starts near 1 per modality instead of at ``1 / sigma^2``.
 
 The NNX module is split once (``nnx.split``) into a ``graphdef`` and a params pytree. Everything
 downstream uses the pure functions returned by :func:`make_apply_fns`, which take the params pytree:
@@ -19,7 +22,9 @@ Regularization for small real datasets (issue 14), both off by default in the mo
   ``beta`` exactly (``(0 - 0) / sqrt(0 + eps) = 0``; no NaN), so a zero-filled (removed)
   modality still maps every example to one fixed embedding (given its lengths), as it does
   without the norm. A modality with a single feature skips it: over one feature LayerNorm would
-  map every input to ``beta`` and erase the modality.
+  map every input to ``beta`` and erase the modality. Scale-free only down to a per-row variance
+  of ~1e-4: below that LayerNorm's epsilon (1e-6) shrinks the output (``dataset.normalize`` has
+  no such floor).
 """
 
 from collections.abc import Mapping, Sequence
@@ -27,11 +32,39 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ENCODERS = ("mlp", "conv", "transformer")
 FUSIONS = ("concat", "attention")
 TASKS = ("classification", "regression", "multilabel")
+
+
+# A pooled feature whose train variance is below this fraction of its modality's mean variance is
+# treated as having that much: a (near-)constant feature is fitted exactly by the decoder's bias,
+# and dividing its leftover rounding error by ~0 would swamp the loss instead.
+VARIANCE_FLOOR = 1e-6
+
+
+def reconstruction_stats(info) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per modality ``(mean [D_m], variance [D_m])`` float64 of the reconstruction targets.
+
+    From ``info.pooled_mean`` / ``info.pooled_variance`` (the stored train split's time-pooled
+    features, data_pipelines/normalization.py), the variance floored at ``VARIANCE_FLOOR`` times
+    its modality's mean variance: relative, so still scale-free. A modality whose pooled features
+    are all constant, and a hand-made info without statistics (tests, toys), get mean 0 and
+    variance 1 (the raw squared error).
+    """
+    out = {}
+    for m in info.modalities:
+        d = info.feature_shapes[m][-1]
+        var = getattr(info, "pooled_variance", {}).get(m)
+        mean = getattr(info, "pooled_mean", {}).get(m)
+        mean = np.zeros(d) if mean is None else np.asarray(mean, np.float64)
+        var = np.ones(d) if var is None else np.asarray(var, np.float64)
+        floor = VARIANCE_FLOOR * var.mean()
+        out[m] = (mean, np.maximum(var, floor) if floor > 0 else np.ones(d))
+    return out
 
 
 def _time_mask(lengths: jax.Array, num_steps: int) -> jax.Array:
@@ -143,7 +176,11 @@ class FusionModel(nnx.Module):
     def __init__(self, *, modalities: Sequence[str], feature_shapes: Mapping[str, tuple],
                  task: str, num_classes: int, encoder: str = "mlp", fusion: str = "concat",
                  d: int = 64, d_h: int = 128, num_heads: int = 4, dropout: float = 0.0,
-                 input_norm: bool = False, rngs: nnx.Rngs):
+                 input_norm: bool = False,
+                 recon_stats: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                 rngs: nnx.Rngs):
+        """``recon_stats``: per modality (mean, variance) of the pooled targets, `D_m` floats each
+        (`reconstruction_stats`); None: 0 and 1."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         self.modalities = tuple(modalities)
@@ -162,6 +199,11 @@ class FusionModel(nnx.Module):
         self.decoders = nnx.List([
             nnx.Linear(d_h, feature_shapes[m][-1], rngs=rngs) for m in self.modalities
         ])
+        # Static tuples (hashable: they live in the graphdef, not in the params pytree).
+        stats = recon_stats or {}
+        self.recon_affine = tuple(
+            (tuple(float(v) for v in stats[m][0]), tuple(float(np.sqrt(v)) for v in stats[m][1]))
+            if m in stats else None for m in self.modalities)
 
     def encode(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None
                ) -> jax.Array:
@@ -169,7 +211,8 @@ class FusionModel(nnx.Module):
         lengths = batch["lengths"]  # [B, M]
         return jnp.stack(
             [enc(batch[m], lengths[:, i], rng=None if rng is None else jax.random.fold_in(rng, i))
-             for i, (m, enc) in enumerate(zip(self.modalities, self.encoders))], axis=1)
+             for i, (m, enc) in enumerate(zip(self.modalities, self.encoders, strict=True))],
+            axis=1)
 
     def fuse(self, z: jax.Array, mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """-> ``h`` ``[B, d_h]``; dropout on ``h`` only with an `rng` key."""
@@ -185,8 +228,14 @@ class FusionModel(nnx.Module):
         return y
 
     def reconstruct(self, h: jax.Array) -> tuple[jax.Array, ...]:
-        """-> one ``[B, D_m]`` time-pooled feature reconstruction per modality."""
-        return tuple(dec(h) for dec in self.decoders)
+        """-> one ``[B, D_m]`` time-pooled feature reconstruction per modality, in feature units."""
+        out = []
+        for dec, affine in zip(self.decoders, self.recon_affine, strict=True):
+            y = dec(h)
+            if affine is not None:
+                y = jnp.asarray(affine[0], y.dtype) + jnp.asarray(affine[1], y.dtype) * y
+            out.append(y)
+        return tuple(out)
 
 
 class ApplyFns(NamedTuple):
@@ -207,12 +256,13 @@ def make_apply_fns(graphdef: nnx.GraphDef, collapse_fn=None) -> ApplyFns:
         target modality's embedding when ``interventions["target"]`` is given (DESIGN.md §3.2).
 
     Returns:
-      :class:`ApplyFns`. ``apply(params, batch, *, rng=None, interventions=None)`` returns a dict with
-      ``z`` ``[B, M, d]`` (after any intervention), ``h`` ``[B, d_h]``, ``preds`` (task-shaped) and
-      ``recon`` (tuple of ``[B, D_m]``). ``interventions`` may hold ``target`` ``[M]`` float (one-hot,
-      all-zero for a clean step), ``strength`` and ``gamma`` scalars. ``rng`` (a PRNG key) turns on
-      the model's dropout (``config.model.dropout``) for training passes; None, the default, is the
-      deterministic model. ``encode`` and ``head`` take the same keyword.
+      :class:`ApplyFns`. ``apply(params, batch, *, rng=None, interventions=None)`` returns a dict
+      with ``z`` ``[B, M, d]`` (after any intervention), ``h`` ``[B, d_h]``, ``preds``
+      (task-shaped) and ``recon`` (tuple of ``[B, D_m]``). ``interventions`` may hold ``target``
+      ``[M]`` float (one-hot, all-zero for a clean step), ``strength`` and ``gamma`` scalars.
+      ``rng`` (a PRNG key) turns on the model's dropout (``config.model.dropout``) for training
+      passes; None, the default, is the deterministic model. ``encode`` and ``head`` take the same
+      keyword.
     """
 
     def encode(params, batch, *, rng=None):
@@ -272,11 +322,15 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
 
 
 def create_model(info, model_cfg, *, rngs: nnx.Rngs) -> FusionModel:
-    """Builds a :class:`FusionModel` from a ``DatasetInfo`` and the ``config.model`` block."""
+    """Builds a :class:`FusionModel` from a ``DatasetInfo`` and the ``config.model`` block.
+
+    The decoders take their output scale from the info's train statistics (`reconstruction_stats`).
+    """
     return FusionModel(modalities=info.modalities, feature_shapes=info.feature_shapes,
                        task=info.task, num_classes=info.num_classes, encoder=model_cfg.encoder,
                        fusion=model_cfg.fusion, d=model_cfg.d, d_h=model_cfg.d_h,
                        num_heads=model_cfg.num_heads,
                        # .get: model blocks written before issue 14 lack these (off).
                        dropout=float(model_cfg.get("dropout", 0.0) or 0.0),
-                       input_norm=bool(model_cfg.get("input_norm", False)), rngs=rngs)
+                       input_norm=bool(model_cfg.get("input_norm", False)),
+                       recon_stats=reconstruction_stats(info), rngs=rngs)

@@ -52,8 +52,8 @@ def _ids(setup, batches):
 
 def test_info(setup):
     _, _, info, train, _ = setup
-    stats = {"feature_std": info.feature_std, "pooled_variance": info.pooled_variance}
-    assert dataclasses.replace(info, feature_std={}, pooled_variance={}) == DatasetInfo(
+    stats = {k: getattr(info, k) for k in ("feature_std", "pooled_mean", "pooled_variance")}
+    assert dataclasses.replace(info, **dict.fromkeys(stats, {})) == DatasetInfo(
         name="synthetic",
         modalities=("text", "audio", "vision"),
         feature_shapes={"text": (3, 16), "audio": (3, 12), "vision": (3, 8)},
@@ -68,6 +68,8 @@ def test_info(setup):
         x = train[m].astype(np.float64)  # [N, T, D]
         np.testing.assert_allclose(stats["feature_std"][m], x.reshape(-1, x.shape[-1]).std(0),
                                    rtol=1e-10)
+        np.testing.assert_allclose(stats["pooled_mean"][m], x.mean(1).mean(0), rtol=1e-10,
+                                   atol=1e-12)
         np.testing.assert_allclose(stats["pooled_variance"][m], x.mean(1).var(0), rtol=1e-10)
 
 

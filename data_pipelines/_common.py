@@ -35,6 +35,10 @@ class SourceData:
       label_names: optional names of the K multilabel targets.
       notes: JSON-serialisable facts about the build (e.g. how many -inf were replaced), kept in
         the built dataset's metadata for inspection.
+      absent: per split, per modality, an optional bool array shaped like the modality's features:
+        True where the source held no value (MMSA/MulT's ``-inf`` audio, stored as 0). Such
+        entries are left out of the normalization statistics and stay 0 (data_pipelines/
+        normalization.py). Not written to disk.
     """
 
     modalities: tuple[str, ...]
@@ -44,6 +48,7 @@ class SourceData:
     metric_family: str
     label_names: tuple[str, ...] = ()
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    absent: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
 
 
 def input_error(file: str, split: str | None, key: str | None, problem: str) -> ValueError:

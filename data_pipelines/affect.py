@@ -13,7 +13,9 @@ Two layouts are read, each a dict ``{"train", "valid", "test"}`` of dicts of arr
 
 Loader quirks reproduced from MMSA's ``data_loader.py`` and MulT's ``dataset.py``: features are cast
 to float32 and ``audio[audio == -inf] = 0`` (how many were replaced is logged and kept in the built
-dataset's metadata). Any other non-finite value is an error.
+dataset's metadata). Any other non-finite value is an error. Where the ``-inf`` were is kept in
+``SourceData.absent``, so that ``dataset.normalize`` leaves them out of its statistics and keeps
+them at 0 (they are "no value", not a value of 0).
 
 Lengths: MMSA text length is the sum of the attention-mask row of ``text_bert``. In the aligned
 file audio and vision are word-aligned to the text tokens, so they share the text length (capped
@@ -145,17 +147,17 @@ def load(dataset_cfg, name: str) -> SourceData:
             None,
             f"looks like an MMSA {layout} file, but iemocap only exists in the MulT layout",
         )
-    splits, replaced = {}, {}
+    splits, replaced, absent = {}, {}, {}
     for split in SPLITS:
         if layout == "mult":
-            arrays, replaced[split] = _read_mult_split(
-                raw[split], file=file, split=split, iemocap=iemocap
-            )
+            arrays, neg_inf = _read_mult_split(raw[split], file=file, split=split, iemocap=iemocap)
         else:
-            arrays, replaced[split] = _read_mmsa_split(
+            arrays, neg_inf = _read_mmsa_split(
                 raw[split], file=file, split=split, aligned=layout == "mmsa_aligned"
             )
         splits[split] = arrays
+        replaced[split] = int(neg_inf.sum())
+        absent[split] = {"audio": neg_inf}
     for m in MODALITIES:
         check_same_dims(
             {s: splits[s][m].shape for s in SPLITS}, files=dict.fromkeys(SPLITS, file), key=m
@@ -177,21 +179,27 @@ def load(dataset_cfg, name: str) -> SourceData:
         metric_family="iemocap" if iemocap else "sentiment",
         label_names=IEMOCAP_LABELS if iemocap else (),
         notes={"layout": layout, "file": file, "audio_neg_inf_replaced": replaced},
+        absent=absent,
     )
 
 
-def _features(d: Mapping[str, Any], *, file: str, split: str) -> tuple[dict[str, np.ndarray], int]:
-    """text/audio/vision as float32 ``[N, T, D]``, audio -inf -> 0; returns them and the count."""
+def _features(
+    d: Mapping[str, Any], *, file: str, split: str
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """text/audio/vision as float32 ``[N, T, D]``, audio -inf -> 0.
+
+    Returns:
+      The features, and the ``[N, T_a, D_a]`` bool mask of the audio entries that were -inf.
+    """
     out = {}
     for m in MODALITIES:
         x = numeric_array(d[m], ranks=(3,), file=file, split=split, key=m).astype(np.float32)
         out[m] = x
     neg_inf = np.isneginf(out["audio"])
-    count = int(neg_inf.sum())
     out["audio"][neg_inf] = 0.0  # MMSA / MulT: audio[audio == -np.inf] = 0
     for m in MODALITIES:
         check_finite(out[m], file=file, split=split, key=m)
-    return out, count
+    return out, neg_inf
 
 
 def _sentiment(value: Any, *, file: str, split: str, key: str) -> np.ndarray:
@@ -235,7 +243,7 @@ def _read_mmsa_split(d, *, file: str, split: str, aligned: bool):
     if not aligned:
         keys += ["audio_lengths", "vision_lengths"]
     require_keys(d, keys, file=file, split=split)
-    feats, count = _features(d, file=file, split=split)
+    feats, neg_inf = _features(d, file=file, split=split)
     text_bert = numeric_array(
         d["text_bert"],
         ranks=(3,),
@@ -273,12 +281,12 @@ def _read_mmsa_split(d, *, file: str, split: str, aligned: bool):
         )
     feats["lengths"] = np.stack([text_len, audio_len, vision_len], axis=1).astype(np.int32)
     feats["label"] = label
-    return feats, count
+    return feats, neg_inf
 
 
 def _read_mult_split(d, *, file: str, split: str, iemocap: bool):
     require_keys(d, [*MODALITIES, "labels"], file=file, split=split)
-    feats, count = _features(d, file=file, split=split)
+    feats, neg_inf = _features(d, file=file, split=split)
     if iemocap:
         feats["label"] = _iemocap_labels(d["labels"], file=file, split=split)
     else:
@@ -289,7 +297,7 @@ def _read_mult_split(d, *, file: str, split: str, iemocap: bool):
         split=split,
     )
     feats["lengths"] = np.tile(np.array([feats[m].shape[1] for m in MODALITIES], np.int32), (n, 1))
-    return feats, count
+    return feats, neg_inf
 
 
 def _iemocap_labels(value: Any, *, file: str, split: str) -> np.ndarray:

@@ -3,13 +3,14 @@
 Usage::
 
   python -m data_pipelines.build --dataset=cmu_mosi --manual_dir=/data/MOSI/Processed \
-      --data_dir=/data/tfds [--layout=auto] [--max_len=0]
+      --data_dir=/data/tfds [--layout=auto] [--max_len=0] [--normalize=standardize]
   python -m data_pipelines.build --dataset=synthetic --data_dir=/data/tfds
 
 ``--manual_dir`` is the folder (or file) holding the user's files: the published pickles for
 cmu_mosi / cmu_mosei / iemocap, or the npz folder; it is ``config.dataset.path`` in a training
-config. A later run with the same dataset, files, layout and max_len reuses the build. Synthetic
-builds use the default knobs (data_pipelines/synthetic.py) unless overridden by the flags below.
+config. A later run with the same dataset, files, layout, max_len and normalize reuses the build.
+Synthetic builds use the default knobs (data_pipelines/synthetic.py) unless overridden by the flags
+below.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import json
 import ml_collections
 from absl import app, flags
 
+from data_pipelines.normalization import MODES
 from data_pipelines.pipeline import SOURCES, prepare
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Dataset to build.")
@@ -30,6 +32,9 @@ _LAYOUT = flags.DEFINE_enum(
     "Pickle layout for cmu_mosi / cmu_mosei / iemocap.",
 )
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Pad/truncate sequences to this T; 0 keeps stored T.")
+_NORMALIZE = flags.DEFINE_enum(
+    "normalize", None, list(MODES), "Feature normalization; default: the dataset's (pipeline.py)."
+)
 _TASK = flags.DEFINE_enum("task", None, ["classification", "regression"], "synthetic only.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", None, "synthetic only.")
 flags.mark_flags_as_required(["dataset", "data_dir"])
@@ -43,12 +48,19 @@ def main(argv):
         "layout": _LAYOUT.value,
         "max_len": _MAX_LEN.value,
     }
+    if _NORMALIZE.value is not None:
+        cfg["normalize"] = _NORMALIZE.value
     if _TASK.value is not None:
         cfg["task"] = _TASK.value
     if _DATA_SEED.value is not None:
         cfg["data_seed"] = _DATA_SEED.value
     info = prepare(ml_collections.ConfigDict(cfg), data_dir=_DATA_DIR.value)
-    print(json.dumps(dataclasses.asdict(info), indent=2))
+    out = dataclasses.asdict(info)
+    # The per-feature statistics run to thousands of numbers (768 BERT features): they are in the
+    # build's metadata.json; print their size only.
+    for key in ("feature_std", "pooled_mean", "pooled_variance", "normalization"):
+        out[key] = f"{len(out[key])} modalities (see the build's metadata.json)"
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ split as numpy arrays for evaluation. Every element has the batch format of DESI
 ``config.dataset.max_len`` > 0 zero-pads or truncates (keeping the first steps) every sequence
 modality to that many timesteps; 0 keeps the stored length (padding to the longest split if the
 splits differ).
+
+``config.dataset.normalize`` ("none" | "standardize"; unset: the dataset's entry in
+`DEFAULT_NORMALIZE`) standardizes every feature with statistics fitted on the train split, when the
+dataset is built (data_pipelines/normalization.py). It is part of the build's identity, so changing
+it rebuilds; the statistics are kept in the build's TFDS metadata and on `DatasetInfo`.
 """
 
 import dataclasses
@@ -27,11 +32,23 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_pipelines import affect, digits, npz, storage, synthetic
+from data_pipelines import affect, digits, normalization, npz, storage, synthetic
 from data_pipelines._common import SPLITS, SourceData
 
 # Bump when the stored format or any source's conversion changes, so old builds are not reused.
-FORMAT_VERSION = 1
+# 2: normalization and the train statistics in the metadata.
+FORMAT_VERSION = 2
+# `config.dataset.normalize` when the config leaves it unset; experiments/configs/default.py sets
+# the same values, with the evidence for each choice.
+DEFAULT_NORMALIZE = {
+    "npz": "standardize",  # a user's features: any scale (DESIGN.md §6)
+    "digits": "standardize",
+    "synthetic": "none",
+    # MMSA and MulT feed the published features as they are (only -inf -> 0).
+    "cmu_mosi": "none",
+    "cmu_mosei": "none",
+    "iemocap": "none",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +66,16 @@ class DatasetInfo:
       metric_family: "classification" | "regression" | "sentiment" (MOSI/MOSEI) | "iemocap".
       split_sizes: ``{"train": N, "valid": N, "test": N}``.
       label_names: multilabel target names (IEMOCAP: Neutral, Happy, Sad, Angry), else ().
+      normalize: the build's ``dataset.normalize``: "none" | "standardize".
+      feature_std: per modality, ``D_m`` floats: the population std of each stored feature over
+        the train split's values (valid timesteps, MMSA's -inf left out). About 1 after
+        standardization (0 for a constant feature). Empty for a hand-made DatasetInfo.
+      pooled_mean, pooled_variance: per modality, ``D_m`` floats: the train mean and variance of
+        each time-pooled stored feature (the reconstruction targets); the variance is the
+        ``sigma^2_mj`` of the scale-free reconstruction loss (DESIGN.md §3.5). Empty for a
+        hand-made DatasetInfo (``model.reconstruction_stats`` then uses 0 and 1).
+      normalization: per modality ``{"mean": D_m floats, "scale": D_m floats}``, the standardization
+        fitted on train (maps a stored feature back: ``x = x' * scale + mean``); empty for "none".
     """
 
     name: str
@@ -59,6 +86,14 @@ class DatasetInfo:
     metric_family: str
     split_sizes: dict[str, int]
     label_names: tuple[str, ...] = ()
+    normalize: str = "none"
+    # repr=False: hundreds of floats per modality would bury the rest of the record in logs.
+    feature_std: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, repr=False)
+    pooled_mean: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict, repr=False)
+    pooled_variance: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict,
+                                                                      repr=False)
+    normalization: dict[str, dict[str, tuple[float, ...]]] = dataclasses.field(
+        default_factory=dict, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +131,17 @@ def _max_len(dataset_cfg) -> int:
     return int(max_len)
 
 
+def normalize_mode(dataset_cfg) -> str:
+    """``config.dataset.normalize``, or the dataset's default (`DEFAULT_NORMALIZE`) when unset."""
+    name, _ = _source(dataset_cfg)
+    mode = dataset_cfg.get("normalize", None) or DEFAULT_NORMALIZE[name]
+    if mode not in normalization.MODES:
+        raise ValueError(
+            f"config.dataset.normalize must be one of {list(normalization.MODES)}, got {mode!r}"
+        )
+    return mode
+
+
 def identity(dataset_cfg) -> tuple[str, dict[str, Any]]:
     """The build's config name and the identity it hashes: everything that changes stored data."""
     name, source = _source(dataset_cfg)
@@ -104,6 +150,7 @@ def identity(dataset_cfg) -> tuple[str, dict[str, Any]]:
         "dataset": name,
         "format": FORMAT_VERSION,
         "max_len": max_len,
+        "normalize": normalize_mode(dataset_cfg),
         **source.identity(dataset_cfg),
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -118,17 +165,38 @@ def fit_lengths(src: SourceData, max_len: int) -> SourceData:
     first T steps: the published files pad at the end, so the start holds the data.
     """
     splits = {s: dict(a) for s, a in src.splits.items()}
+    absent = {s: dict(a) for s, a in src.absent.items()}
     for i, m in enumerate(src.modalities):
         if splits["train"][m].ndim != 3:
             continue
         t = max_len or max(a[m].shape[1] for a in splits.values())
-        for arrays in splits.values():
-            x = arrays[m][:, :t]
-            arrays[m] = np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+        for split, arrays in splits.items():
+            arrays[m] = _fit_steps(arrays[m], t)
+            if m in absent.get(split, {}):
+                absent[split][m] = _fit_steps(absent[split][m], t)
             lengths = arrays["lengths"].copy()
             lengths[:, i] = np.minimum(lengths[:, i], t)
             arrays["lengths"] = lengths
-    return dataclasses.replace(src, splits=splits)
+    return dataclasses.replace(src, splits=splits, absent=absent)
+
+
+def _fit_steps(x: np.ndarray, t: int) -> np.ndarray:
+    """``[N, T0, D]`` -> ``[N, t, D]``: the first t steps, zero- (False-) padded at the end."""
+    x = x[:, :t]
+    return np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+
+
+def normalize(src: SourceData, mode: str) -> tuple[SourceData, dict[str, Any]]:
+    """Applies ``dataset.normalize`` to every split; returns the data and the metadata to store.
+
+    The metadata holds ``normalization`` (the mode and, for "standardize", the train statistics)
+    and ``statistics`` (`normalization.statistics` of the stored train split).
+    """
+    stats = normalization.fit(src) if mode == "standardize" else None
+    if stats is not None:
+        src = normalization.apply(src, stats)
+    return src, {"normalization": normalization.to_json(stats, mode),
+                 "statistics": normalization.statistics(src)}
 
 
 def _open(dataset_cfg, data_dir: str) -> tuple[DatasetInfo, tfds.core.DatasetBuilder]:
@@ -139,9 +207,15 @@ def _open(dataset_cfg, data_dir: str) -> tuple[DatasetInfo, tfds.core.DatasetBui
         logging.info("Building %s into %s", name, path)
         # All user-facing checks run here, before anything is written to data_dir.
         src = fit_lengths(source.load(dataset_cfg), ident["max_len"])
-        storage.write(src, ident, data_dir=data_dir, name=name, config_name=config_name)
+        src, stats = normalize(src, ident["normalize"])
+        storage.write(src, ident, data_dir=data_dir, name=name, config_name=config_name,
+                      metadata=stats)
     builder = storage.open_built(path)
     return _describe(name, builder, path), builder
+
+
+def _per_modality(record, modalities) -> dict[str, tuple[float, ...]]:
+    return {m: tuple(float(v) for v in record[m]) for m in modalities}
 
 
 def _describe(name: str, builder: tfds.core.DatasetBuilder, path: str) -> DatasetInfo:
@@ -159,6 +233,14 @@ def _describe(name: str, builder: tfds.core.DatasetBuilder, path: str) -> Datase
             metric_family=meta["metric_family"],
             split_sizes={s: int(builder.info.splits[s].num_examples) for s in SPLITS},
             label_names=tuple(meta["label_names"]),
+            normalize=meta["normalization"]["mode"],
+            feature_std=_per_modality(meta["statistics"]["feature_std"], modalities),
+            pooled_mean=_per_modality(meta["statistics"]["pooled_mean"], modalities),
+            pooled_variance=_per_modality(meta["statistics"]["pooled_variance"], modalities),
+            normalization={
+                m: {k: tuple(float(v) for v in meta["normalization"][k][m])
+                    for k in ("mean", "scale")}
+                for m in modalities} if "mean" in meta["normalization"] else {},
         )
         ok = tuple(features["lengths"].shape) == (len(modalities),) and "label" in features
     except (KeyError, TypeError, ValueError) as e:

@@ -35,6 +35,8 @@ class _Config(tfds.core.BuilderConfig):
     # repr=False: TFDS logs the config, and the arrays would flood the log.
     source: SourceData | None = dataclasses.field(default=None, repr=False)
     identity: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    # Extra JSON metadata: the normalization and the train statistics (pipeline.normalize).
+    metadata: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
 
 class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -62,6 +64,7 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 label_names=list(src.label_names),
                 identity=self.builder_config.identity,
                 notes=src.notes,
+                **(self.builder_config.metadata or {}),
             ),
         )
 
@@ -102,9 +105,17 @@ def is_built(path: str) -> bool:
 
 
 def write(
-    source: SourceData, identity: dict[str, Any], *, data_dir: str, name: str, config_name: str
+    source: SourceData,
+    identity: dict[str, Any],
+    *,
+    data_dir: str,
+    name: str,
+    config_name: str,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
     """Writes `source` to ``build_path(...)`` atomically; returns that path.
+
+    `metadata` (JSON-serialisable) joins the TFDS metadata next to the modalities and task.
 
     If another process (another host) finishes the same build first, its copy is kept: the data
     is a deterministic function of the identity, so the two are the same.
@@ -114,7 +125,8 @@ def write(
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=data_dir)
     created = []  # parents of `final` made here, removed again if the build fails
     try:
-        config = _Config(name=config_name, version=VERSION, source=source, identity=identity)
+        config = _Config(name=config_name, version=VERSION, source=source, identity=identity,
+                         metadata=metadata)
         builder = _builder_class(name)(config=config, data_dir=tmp, file_format="array_record")
         builder.download_and_prepare()
         for d in (os.path.dirname(os.path.dirname(final)), os.path.dirname(final)):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.model import _time_mask, masked_mean
+from modalimmune_jax.model import _time_mask, masked_mean, reconstruction_stats
 
 REGRESSION_LOSSES = ("l1", "mse")
 
@@ -50,13 +50,36 @@ def pooled_features(batch: Mapping[str, jax.Array], modalities: Sequence[str]) -
     return tuple(out)
 
 
-def reconstruction_loss(recon: Sequence[jax.Array], targets: Sequence[jax.Array]) -> jax.Array:
-    """``L_rec = Σ_m mean_b ||D_m(h) - pool(x_m)||² / D_m`` -> ``[B]`` per example.
+def reconstruction_loss(recon: Sequence[jax.Array], targets: Sequence[jax.Array], *,
+                        variances: Sequence[jax.typing.ArrayLike]) -> jax.Array:
+    """Scale-free ``L_rec = Σ_m mean_j (D_m(h)_j - pool(x_m)_j)² / σ²_mj`` -> ``[B]`` per example.
 
-    Dividing by ``D_m`` keeps modalities with wide features from dominating the sum.
+    σ²_mj is the train variance of pooled feature j of modality m, so each term is that feature's
+    share of unexplained variance (its batch mean is ``1 - R²_j``): rescaling a modality's
+    features rescales its errors and its σ² alike and leaves the loss unchanged, and no view's
+    units can swamp the task loss (issue 14: a view in the tens of thousands gave a reconstruction
+    loss of 1.8e5 against a task loss of 2.2). DESIGN.md §3.5.
+
+    Args:
+      recon: per modality ``[B, D_m]`` float, the decoders' outputs.
+      targets: per modality ``[B, D_m]`` float, `pooled_features` (no gradient flows to them).
+      variances: per modality ``[D_m]`` float > 0, from `reconstruction_variances`.
+
+    Returns:
+      ``[B]`` float32.
     """
-    return sum(jnp.mean(jnp.square(r - jax.lax.stop_gradient(t)), axis=-1)
-               for r, t in zip(recon, targets))
+    return sum(jnp.mean(jnp.square(r - jax.lax.stop_gradient(t)) / v, axis=-1)
+               for r, t, v in zip(recon, targets, variances, strict=True))
+
+
+def reconstruction_variances(info) -> tuple[jax.Array, ...]:
+    """The σ²_mj of `reconstruction_loss` from a DatasetInfo: per modality ``[D_m]`` float32.
+
+    The floored train variances of the pooled stored features (``model.reconstruction_stats``);
+    unit variances for a hand-made info without statistics.
+    """
+    stats = reconstruction_stats(info)
+    return tuple(jnp.asarray(stats[m][1], jnp.float32) for m in info.modalities)
 
 
 def r2_per_modality(recon: Sequence[jax.Array], targets: Sequence[jax.Array]) -> jax.Array:

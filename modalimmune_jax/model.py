@@ -3,11 +3,28 @@
 Per-modality encoders ``E_m`` map ``x_m`` (``[B, T_m, D_m]`` or ``[B, D_m]``) to ``z_m`` ``[B, d]``;
 the fusion ``F`` maps the stacked ``z`` ``[B, M, d]`` and the presence mask ``[B, M]`` to the joint
 ``h`` ``[B, d_h]``; a head gives predictions; per-modality decoders ``D_m(h)`` reconstruct the
-time-pooled features of every modality (§3.5).
+time-pooled features of every modality (§3.5). Each decoder is a linear map in units of its
+targets' train statistics, ``D_m(h) = mu_m + sigma_m * (W_m h + b_m)``, so its output starts at the
+targets' scale whatever the features' units, and the scale-free reconstruction loss
+(``losses.reconstruction_loss``) starts near 1 per modality instead of at ``1 / sigma^2``.
 
 The NNX module is split once (``nnx.split``) into a ``graphdef`` and a params pytree. Everything
 downstream uses the pure functions returned by :func:`make_apply_fns`, which take the params pytree:
 HVPs, hypergradients, sharding and checkpoints all see plain pytrees.
+
+Regularization for small real datasets (issue 14), both off by default in the module:
+
+- ``dropout``: inverted dropout on each encoder's output ``z_m`` and on the joint ``h``. It is
+  active only when the pure functions get an ``rng`` key; without one (evaluation, the
+  information-gain passes, every caller that predates it) the model is deterministic.
+- ``input_norm``: a LayerNorm over each modality's feature axis before its encoder, so a view's
+  units cannot set the scale of its first layer. LayerNorm maps an all-zero row to its bias
+  ``beta`` exactly (``(0 - 0) / sqrt(0 + eps) = 0``; no NaN), so a zero-filled (removed)
+  modality still maps every example to one fixed embedding (given its lengths), as it does
+  without the norm. A modality with a single feature skips it: over one feature LayerNorm would
+  map every input to ``beta`` and erase the modality. Scale-free only down to a per-row variance
+  of ~1e-4: below that LayerNorm's epsilon (1e-6) shrinks the output (``dataset.normalize`` has
+  no such floor).
 """
 
 from collections.abc import Mapping, Sequence
@@ -15,11 +32,39 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ENCODERS = ("mlp", "conv", "transformer")
 FUSIONS = ("concat", "attention")
 TASKS = ("classification", "regression", "multilabel")
+
+
+# A pooled feature whose train variance is below this fraction of its modality's mean variance is
+# treated as having that much: a (near-)constant feature is fitted exactly by the decoder's bias,
+# and dividing its leftover rounding error by ~0 would swamp the loss instead.
+VARIANCE_FLOOR = 1e-6
+
+
+def reconstruction_stats(info) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per modality ``(mean [D_m], variance [D_m])`` float64 of the reconstruction targets.
+
+    From ``info.pooled_mean`` / ``info.pooled_variance`` (the stored train split's time-pooled
+    features, data_pipelines/normalization.py), the variance floored at ``VARIANCE_FLOOR`` times
+    its modality's mean variance: relative, so still scale-free. A modality whose pooled features
+    are all constant, and a hand-made info without statistics (tests, toys), get mean 0 and
+    variance 1 (the raw squared error).
+    """
+    out = {}
+    for m in info.modalities:
+        d = info.feature_shapes[m][-1]
+        var = getattr(info, "pooled_variance", {}).get(m)
+        mean = getattr(info, "pooled_mean", {}).get(m)
+        mean = np.zeros(d) if mean is None else np.asarray(mean, np.float64)
+        var = np.ones(d) if var is None else np.asarray(var, np.float64)
+        floor = VARIANCE_FLOOR * var.mean()
+        out[m] = (mean, np.maximum(var, floor) if floor > 0 else np.ones(d))
+    return out
 
 
 def _time_mask(lengths: jax.Array, num_steps: int) -> jax.Array:
@@ -34,14 +79,29 @@ def masked_mean(x: jax.Array, time_mask: jax.Array) -> jax.Array:
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
+
+    Identity when ``rng`` is None or ``rate`` is 0 (a static Python float), so deterministic
+    callers pay nothing and draw nothing.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
 class Encoder(nnx.Module):
     """One modality's encoder: ``[B, T, D]`` (or ``[B, D]``) and lengths ``[B]`` -> ``[B, d]``."""
 
     def __init__(self, kind: str, in_dim: int, max_len: int, d: int, *, num_heads: int,
-                 rngs: nnx.Rngs):
+                 input_norm: bool = False, dropout: float = 0.0, rngs: nnx.Rngs):
         if kind not in ENCODERS:
             raise ValueError(f"model.encoder: unknown encoder {kind!r}; expected one of {ENCODERS}")
         self.kind = kind
+        self.dropout_rate = dropout
+        # Over a single feature LayerNorm is constant (module docstring): skipped there.
+        self.in_norm = nnx.LayerNorm(in_dim, rngs=rngs) if input_norm and in_dim > 1 else None
         self.proj = nnx.Linear(in_dim, d, rngs=rngs)
         # Learned positions: mean pooling alone would throw away *where* a pattern occurs (a digit's
         # rows, a word's place in the utterance).
@@ -57,10 +117,14 @@ class Encoder(nnx.Module):
             self.ff = nnx.Linear(d, d, rngs=rngs)
         self.out = nnx.Linear(d, d, rngs=rngs)
 
-    def __call__(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lengths: jax.Array, *, rng: jax.Array | None = None
+                 ) -> jax.Array:
         if x.ndim == 2:  # a vector modality is a length-1 sequence
             x = x[:, None, :]
         tmask = _time_mask(lengths, x.shape[1])  # [B, T]
+        if self.in_norm is not None:
+            # Per timestep over the features; padding steps become beta but are masked below.
+            x = self.in_norm(x)
         y = nnx.gelu(self.proj(x) + self.pos[None, : x.shape[1]])  # [B, T, d]
         if self.kind == "conv":
             y = nnx.gelu(self.conv(y * tmask[..., None]))
@@ -68,17 +132,18 @@ class Encoder(nnx.Module):
             attn_mask = nnx.make_attention_mask(tmask, tmask)  # [B, 1, T, T]
             y = self.norm1(y + self.attn(y, mask=attn_mask, deterministic=True))
             y = self.norm2(y + nnx.gelu(self.ff(y)))
-        return self.out(masked_mean(y, tmask))
+        return dropout(self.out(masked_mean(y, tmask)), self.dropout_rate, rng)
 
 
 class Fusion(nnx.Module):
     """``z`` ``[B, M, d]`` and presence mask ``[B, M]`` -> joint ``h`` ``[B, d_h]``."""
 
     def __init__(self, kind: str, num_modalities: int, d: int, d_h: int, *, num_heads: int,
-                 rngs: nnx.Rngs):
+                 dropout: float = 0.0, rngs: nnx.Rngs):
         if kind not in FUSIONS:
             raise ValueError(f"model.fusion: unknown fusion {kind!r}; expected one of {FUSIONS}")
         self.kind = kind
+        self.dropout_rate = dropout
         if kind == "concat":
             self.hidden = nnx.Linear(num_modalities * (d + 1), d_h, rngs=rngs)
         else:
@@ -90,7 +155,8 @@ class Fusion(nnx.Module):
             self.hidden = nnx.Linear(d, d_h, rngs=rngs)
         self.out = nnx.Linear(d_h, d_h, rngs=rngs)
 
-    def __call__(self, z: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, mask: jax.Array, *, rng: jax.Array | None = None
+                 ) -> jax.Array:
         # A modality flagged absent contributes nothing (the `mask` protocol tells the model).
         z = z * mask[..., None]
         if self.kind == "concat":
@@ -101,7 +167,7 @@ class Fusion(nnx.Module):
             attn_mask = nnx.make_attention_mask(mask, mask)  # [B, 1, M, M]
             tokens = self.norm(tokens + self.attn(tokens, mask=attn_mask, deterministic=True))
             y = nnx.gelu(self.hidden(masked_mean(tokens, mask)))
-        return nnx.gelu(self.out(y))
+        return dropout(nnx.gelu(self.out(y)), self.dropout_rate, rng)
 
 
 class FusionModel(nnx.Module):
@@ -109,7 +175,12 @@ class FusionModel(nnx.Module):
 
     def __init__(self, *, modalities: Sequence[str], feature_shapes: Mapping[str, tuple],
                  task: str, num_classes: int, encoder: str = "mlp", fusion: str = "concat",
-                 d: int = 64, d_h: int = 128, num_heads: int = 4, rngs: nnx.Rngs):
+                 d: int = 64, d_h: int = 128, num_heads: int = 4, dropout: float = 0.0,
+                 input_norm: bool = False,
+                 recon_stats: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                 rngs: nnx.Rngs):
+        """``recon_stats``: per modality (mean, variance) of the pooled targets, `D_m` floats each
+        (`reconstruction_stats`); None: 0 and 1."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         self.modalities = tuple(modalities)
@@ -118,26 +189,34 @@ class FusionModel(nnx.Module):
         self.encoders = nnx.List([
             Encoder(encoder, feature_shapes[m][-1],
                     feature_shapes[m][0] if len(feature_shapes[m]) == 2 else 1, d,
-                    num_heads=num_heads, rngs=rngs)
+                    num_heads=num_heads, input_norm=input_norm, dropout=dropout, rngs=rngs)
             for m in self.modalities
         ])
-        self.fusion = Fusion(fusion, len(self.modalities), d, d_h, num_heads=num_heads, rngs=rngs)
+        self.fusion = Fusion(fusion, len(self.modalities), d, d_h, num_heads=num_heads,
+                             dropout=dropout, rngs=rngs)
         out_dim = {"classification": num_classes, "regression": 1, "multilabel": 2 * num_classes}
         self.head = nnx.Linear(d_h, out_dim[task], rngs=rngs)
         self.decoders = nnx.List([
             nnx.Linear(d_h, feature_shapes[m][-1], rngs=rngs) for m in self.modalities
         ])
+        # Static tuples (hashable: they live in the graphdef, not in the params pytree).
+        stats = recon_stats or {}
+        self.recon_affine = tuple(
+            (tuple(float(v) for v in stats[m][0]), tuple(float(np.sqrt(v)) for v in stats[m][1]))
+            if m in stats else None for m in self.modalities)
 
-    def encode(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """-> ``z`` ``[B, M, d]``."""
+    def encode(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None
+               ) -> jax.Array:
+        """-> ``z`` ``[B, M, d]``; dropout on each ``z_m`` only with an `rng` key."""
         lengths = batch["lengths"]  # [B, M]
         return jnp.stack(
-            [enc(batch[m], lengths[:, i]) for i, (m, enc) in
-             enumerate(zip(self.modalities, self.encoders))], axis=1)
+            [enc(batch[m], lengths[:, i], rng=None if rng is None else jax.random.fold_in(rng, i))
+             for i, (m, enc) in enumerate(zip(self.modalities, self.encoders, strict=True))],
+            axis=1)
 
-    def fuse(self, z: jax.Array, mask: jax.Array) -> jax.Array:
-        """-> ``h`` ``[B, d_h]``."""
-        return self.fusion(z, mask)
+    def fuse(self, z: jax.Array, mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """-> ``h`` ``[B, d_h]``; dropout on ``h`` only with an `rng` key."""
+        return self.fusion(z, mask, rng=rng)
 
     def predict(self, h: jax.Array) -> jax.Array:
         """-> ``[B, C]`` logits, ``[B]`` regression outputs, or ``[B, K, 2]`` multilabel logits."""
@@ -149,15 +228,21 @@ class FusionModel(nnx.Module):
         return y
 
     def reconstruct(self, h: jax.Array) -> tuple[jax.Array, ...]:
-        """-> one ``[B, D_m]`` time-pooled feature reconstruction per modality."""
-        return tuple(dec(h) for dec in self.decoders)
+        """-> one ``[B, D_m]`` time-pooled feature reconstruction per modality, in feature units."""
+        out = []
+        for dec, affine in zip(self.decoders, self.recon_affine, strict=True):
+            y = dec(h)
+            if affine is not None:
+                y = jnp.asarray(affine[0], y.dtype) + jnp.asarray(affine[1], y.dtype) * y
+            out.append(y)
+        return tuple(out)
 
 
 class ApplyFns(NamedTuple):
     """Pure functions of the params pytree, closed over the model's graphdef."""
 
-    encode: Any  # (params, batch) -> z [B, M, d]
-    head: Any  # (params, z, mask) -> (h [B, d_h], predictions)
+    encode: Any  # (params, batch, *, rng=None) -> z [B, M, d]
+    head: Any  # (params, z, mask, *, rng=None) -> (h [B, d_h], predictions)
     reconstruct: Any  # (params, h) -> tuple of [B, D_m]
     apply: Any  # (params, batch, *, rng=None, interventions=None) -> dict
 
@@ -171,30 +256,33 @@ def make_apply_fns(graphdef: nnx.GraphDef, collapse_fn=None) -> ApplyFns:
         target modality's embedding when ``interventions["target"]`` is given (DESIGN.md §3.2).
 
     Returns:
-      :class:`ApplyFns`. ``apply(params, batch, *, rng=None, interventions=None)`` returns a dict with
-      ``z`` ``[B, M, d]`` (after any intervention), ``h`` ``[B, d_h]``, ``preds`` (task-shaped) and
-      ``recon`` (tuple of ``[B, D_m]``). ``interventions`` may hold ``target`` ``[M]`` float (one-hot,
-      all-zero for a clean step), ``strength`` and ``gamma`` scalars.
+      :class:`ApplyFns`. ``apply(params, batch, *, rng=None, interventions=None)`` returns a dict
+      with ``z`` ``[B, M, d]`` (after any intervention), ``h`` ``[B, d_h]``, ``preds``
+      (task-shaped) and ``recon`` (tuple of ``[B, D_m]``). ``interventions`` may hold ``target``
+      ``[M]`` float (one-hot, all-zero for a clean step), ``strength`` and ``gamma`` scalars.
+      ``rng`` (a PRNG key) turns on the model's dropout (``config.model.dropout``) for training
+      passes; None, the default, is the deterministic model. ``encode`` and ``head`` take the same
+      keyword.
     """
 
-    def encode(params, batch):
-        return nnx.merge(graphdef, params).encode(batch)
+    def encode(params, batch, *, rng=None):
+        return nnx.merge(graphdef, params).encode(batch, rng=rng)
 
-    def head(params, z, mask):
+    def head(params, z, mask, *, rng=None):
         model = nnx.merge(graphdef, params)
-        h = model.fuse(z, mask)
+        h = model.fuse(z, mask, rng=rng)
         return h, model.predict(h)
 
     def reconstruct(params, h):
         return nnx.merge(graphdef, params).reconstruct(h)
 
     def apply(params, batch, *, rng=None, interventions=None):
-        del rng  # The model is deterministic; the argument keeps the DESIGN.md §2 signature.
-        z = encode(params, batch)
+        k_encode, k_head = (None, None) if rng is None else jax.random.split(rng)
+        z = encode(params, batch, rng=k_encode)
         if interventions is not None and "target" in interventions:
             z = collapse_target(z, interventions["target"], interventions["strength"],
                                 interventions["gamma"], collapse_fn=collapse_fn)
-        h, preds = head(params, z, batch["mask"])
+        h, preds = head(params, z, batch["mask"], rng=k_head)
         return {"z": z, "h": h, "preds": preds, "recon": reconstruct(params, h)}
 
     return ApplyFns(encode=encode, head=head, reconstruct=reconstruct, apply=apply)
@@ -234,8 +322,15 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
 
 
 def create_model(info, model_cfg, *, rngs: nnx.Rngs) -> FusionModel:
-    """Builds a :class:`FusionModel` from a ``DatasetInfo`` and the ``config.model`` block."""
+    """Builds a :class:`FusionModel` from a ``DatasetInfo`` and the ``config.model`` block.
+
+    The decoders take their output scale from the info's train statistics (`reconstruction_stats`).
+    """
     return FusionModel(modalities=info.modalities, feature_shapes=info.feature_shapes,
                        task=info.task, num_classes=info.num_classes, encoder=model_cfg.encoder,
                        fusion=model_cfg.fusion, d=model_cfg.d, d_h=model_cfg.d_h,
-                       num_heads=model_cfg.num_heads, rngs=rngs)
+                       num_heads=model_cfg.num_heads,
+                       # .get: model blocks written before issue 14 lack these (off).
+                       dropout=float(model_cfg.get("dropout", 0.0) or 0.0),
+                       input_norm=bool(model_cfg.get("input_norm", False)),
+                       recon_stats=reconstruction_stats(info), rngs=rngs)

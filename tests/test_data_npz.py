@@ -11,7 +11,11 @@ from data_pipelines import load_split, prepare
 
 
 def _cfg(path, **kw):
-    return ml_collections.ConfigDict({"name": "npz", "path": str(path), "max_len": 0, **kw})
+    # normalize="none": these tests check the stored values against the files (the default,
+    # standardize, has its own tests in test_data_normalization.py).
+    return ml_collections.ConfigDict(
+        {"name": "npz", "path": str(path), "max_len": 0, "normalize": "none", **kw}
+    )
 
 
 def test_classification_with_meta(tmp_path):

@@ -4,6 +4,7 @@ Examples are identified by their feature bytes (the synthetic features are conti
 example is unique), and every loader property is checked against `load_split`'s stored order.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -50,8 +51,9 @@ def _ids(setup, batches):
 
 
 def test_info(setup):
-    info = setup[2]
-    assert info == DatasetInfo(
+    _, _, info, train, _ = setup
+    stats = {k: getattr(info, k) for k in ("feature_std", "pooled_mean", "pooled_variance")}
+    assert dataclasses.replace(info, **dict.fromkeys(stats, {})) == DatasetInfo(
         name="synthetic",
         modalities=("text", "audio", "vision"),
         feature_shapes={"text": (3, 16), "audio": (3, 12), "vision": (3, 8)},
@@ -59,7 +61,16 @@ def test_info(setup):
         num_classes=4,
         metric_family="classification",
         split_sizes={"train": N_TRAIN, "valid": 5, "test": 7},
+        normalize="none",  # synthetic's default
     )
+    # The train statistics, against numpy on the stored train split (every step valid here).
+    for m in info.modalities:
+        x = train[m].astype(np.float64)  # [N, T, D]
+        np.testing.assert_allclose(stats["feature_std"][m], x.reshape(-1, x.shape[-1]).std(0),
+                                   rtol=1e-10)
+        np.testing.assert_allclose(stats["pooled_mean"][m], x.mean(1).mean(0), rtol=1e-10,
+                                   atol=1e-12)
+        np.testing.assert_allclose(stats["pooled_variance"][m], x.mean(1).var(0), rtol=1e-10)
 
 
 def test_batches_have_the_batch_format(setup):

@@ -67,3 +67,60 @@ def test_modalimmune_fast_variant(tmp_path):
     assert len(records) == 6 and all(np.isfinite(r["loss"]) for r in records)
     assert any(r["ig/text"] != 0.0 for r in records) and "mask_fraction" in records[-1]
     assert {"full", "missing_avg", "robustness"} <= set(results)
+
+
+def _toy(feature_std=None, dropout=0.0):
+    """A 2-modality toy model and batch, and a config with its consistency and dropout settings."""
+    import jax
+    from flax import nnx
+
+    from data_pipelines.pipeline import DatasetInfo
+    from modalimmune_jax.model import create_model, make_apply_fns
+
+    config = default.get_config("synthetic,tiny")
+    with config.unlocked():
+        config.model.dropout = dropout
+        config.consistency.eps = 0.5
+    info = DatasetInfo(name="toy", modalities=("a", "b"), feature_shapes={"a": (4, 3), "b": (2,)},
+                       task="classification", num_classes=3, metric_family="classification",
+                       split_sizes={"train": 8, "valid": 8, "test": 8},
+                       feature_std=feature_std or {})
+    model = create_model(info, config.model, rngs=nnx.Rngs(params=jax.random.key(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    ka, kb, ky = jax.random.split(jax.random.key(1), 3)
+    batch = {"a": jax.random.normal(ka, (8, 4, 3)), "b": jax.random.normal(kb, (8, 2)),
+             "lengths": jnp.full((8, 2), jnp.asarray([4, 1])), "mask": jnp.ones((8, 2)),
+             "label": jax.random.randint(ky, (8,), 0, 3)}
+    return make_apply_fns(graphdef), params, batch, info, config
+
+
+def test_consistency_perturbs_in_units_of_the_feature_std():
+    import jax
+
+    from modalimmune_jax.methods.baselines import make_consistency_loss
+
+    zero = {"a": (0.0, 0.0, 0.0), "b": (0.0, 0.0)}
+    for std, expect_zero in ((zero, True), ({"a": (1.0,) * 3, "b": (1.0,) * 2}, False)):
+        fns, params, batch, info, config = _toy(feature_std=std)
+        loss_fn = make_consistency_loss(fns, info=info, config=config)
+        for seed in range(3):  # whichever modality is picked
+            _, meas = loss_fn(params, batch, jax.random.key(seed))
+            assert (float(meas["consistency"]) == 0.0) == expect_zero, (std, seed)
+
+
+def test_erm_dropout_draws_from_the_step_key():
+    import jax
+
+    from modalimmune_jax.methods.baselines import make_erm_loss, supervised_loss
+
+    fns, params, batch, info, config = _toy(dropout=0.5)
+    loss_fn = make_erm_loss(fns, info=info, config=config)
+    a, _ = loss_fn(params, batch, jax.random.key(0))
+    b, _ = loss_fn(params, batch, jax.random.key(1))
+    again, _ = loss_fn(params, batch, jax.random.key(0))
+    det, _ = supervised_loss(fns, params, batch, info=info, config=config)
+    assert float(a) != float(b) and float(a) == float(again) and float(det) not in (a, b)
+    fns0, params0, _, info0, config0 = _toy(dropout=0.0)
+    no_drop = make_erm_loss(fns0, info=info0, config=config0)
+    assert float(no_drop(params0, batch, jax.random.key(0))[0]) == float(
+        no_drop(params0, batch, jax.random.key(1))[0])

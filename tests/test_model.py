@@ -140,3 +140,129 @@ def test_losses_by_hand():
     pooled = losses.pooled_features(batch, _Info.modalities)
     np.testing.assert_allclose(pooled[0][1], np.asarray(batch["text"][1, :3]).mean(0), rtol=1e-6)
     np.testing.assert_allclose(pooled[2], batch["vec"])
+
+
+# --- Issue 14: dropout, input LayerNorm, scale-free reconstruction ------------------------------
+
+
+def _build_cfg(info=None, **model_kw):
+    info = info or _Info()
+    info.task, info.num_classes = "classification", 3
+    cfg = ml_collections.ConfigDict(
+        {**dict(encoder="mlp", fusion="concat", d=8, d_h=12, num_heads=2), **model_kw})
+    model = create_model(info, cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return make_apply_fns(graphdef), params
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_dropout_only_with_an_rng(fusion):
+    fns, params = _build_cfg(dropout=0.5, fusion=fusion)
+    plain, _ = _build_cfg(dropout=0.0, fusion=fusion)  # same init: dropout adds no parameters
+    batch = _batch()
+    out = fns.apply(params, batch)["preds"]
+    # Without a key: deterministic, and exactly the model without dropout.
+    np.testing.assert_array_equal(out, fns.apply(params, batch)["preds"])
+    np.testing.assert_array_equal(out, plain.apply(params, batch)["preds"])
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a, b = fns.apply(params, batch, rng=k1), fns.apply(params, batch, rng=k2)
+    assert not np.allclose(a["preds"], out) and not np.allclose(a["preds"], b["preds"])
+    # The same key gives the same output (also through jit).
+    again = jax.jit(lambda p, x, k: fns.apply(p, x, rng=k))(params, batch, k1)
+    np.testing.assert_allclose(again["preds"], a["preds"], rtol=1e-6, atol=1e-6)
+    # Dropout zeroes whole entries of z and h and scales the rest by 1 / (1 - rate).
+    z_clean, z_drop = np.asarray(fns.encode(params, batch)), np.asarray(a["z"])
+    dropped = z_drop == 0.0
+    assert 0.3 < dropped.mean() < 0.7
+    np.testing.assert_allclose(z_drop[~dropped], 2.0 * z_clean[~dropped], rtol=1e-5)
+
+
+def test_dropout_function_by_hand():
+    from modalimmune_jax.model import dropout
+    x = jnp.arange(1.0, 2001.0).reshape(40, 50)
+    y = np.asarray(dropout(x, 0.25, jax.random.key(0)))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.03
+    np.testing.assert_array_equal(dropout(x, 0.25, None), x)
+    np.testing.assert_array_equal(dropout(x, 0.0, jax.random.key(0)), x)
+
+
+def test_input_norm_is_scale_free_and_maps_a_removed_modality_to_one_embedding():
+    fns, params = _build_cfg(input_norm=True)
+    assert "in_norm" in params["encoders"][0] and "in_norm" in params["encoders"][2]
+    batch = _batch()
+    # LayerNorm per timestep: multiplying each example's text by its own factor changes nothing
+    # (down to features of variance ~1e-4, where LayerNorm's epsilon of 1e-6 starts to count).
+    factor = jnp.asarray([1e-1, 1.0, 1e3, 1e4])[:, None, None]
+    scaled = dict(batch, text=batch["text"] * factor)
+    np.testing.assert_allclose(fns.encode(params, scaled)[:, 0], fns.encode(params, batch)[:, 0],
+                               rtol=1e-3, atol=1e-4)
+    # A zero-filled modality: LayerNorm(0) = its bias (no NaN), so every example with the same
+    # lengths gets the same embedding.
+    same_len = dict(batch, lengths=jnp.full((4, 3), jnp.asarray([6, 4, 1])))
+    told = drop_modalities(same_len, jnp.array([1.0, 0.0, 1.0]), modalities=_Info.modalities,
+                           set_mask=False)
+    z = np.asarray(fns.encode(params, told))
+    assert np.isfinite(z).all()
+    np.testing.assert_allclose(z[:, 1], np.broadcast_to(z[:1, 1], z[:, 1].shape), atol=1e-6)
+
+
+def test_reconstruction_loss_by_hand_and_invariant_to_a_views_units():
+    rng = np.random.default_rng(0)
+    recon = [rng.normal(size=(5, 3)), rng.normal(size=(5, 2))]
+    targets = [rng.normal(size=(5, 3)), rng.normal(size=(5, 2))]
+    variances = [np.array([0.5, 2.0, 4.0]), np.array([1e-2, 3.0])]
+    expected = sum(np.mean((r - t) ** 2 / v, axis=-1)
+                   for r, t, v in zip(recon, targets, variances, strict=True))
+    got = losses.reconstruction_loss([jnp.asarray(x, jnp.float32) for x in recon],
+                                     [jnp.asarray(x, jnp.float32) for x in targets],
+                                     variances=[jnp.asarray(v, jnp.float32) for v in variances])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # A view in other units (x 1e4): its errors and its variances scale alike.
+    c = 1e4
+    scaled = losses.reconstruction_loss(
+        [jnp.asarray(recon[0], jnp.float32), jnp.asarray(recon[1] * c, jnp.float32)],
+        [jnp.asarray(targets[0], jnp.float32), jnp.asarray(targets[1] * c, jnp.float32)],
+        variances=[jnp.asarray(variances[0], jnp.float32),
+                   jnp.asarray(variances[1] * c**2, jnp.float32)])
+    np.testing.assert_allclose(scaled, expected, rtol=1e-4)
+
+
+class _InfoWithStats(_Info):
+    pooled_mean = {"text": (1.0, -2.0, 0.0, 3.0, 5.0), "audio": (1e4, 2e4, 0.0),
+                   "vec": (0.0,) * 7}
+    pooled_variance = {"text": (4.0, 1.0, 0.0, 9.0, 1.0), "audio": (1e8, 4e8, 1e8),
+                       "vec": (0.0,) * 7}
+
+
+def test_reconstruction_stats_floor_and_decoder_units():
+    from modalimmune_jax.model import VARIANCE_FLOOR, reconstruction_stats
+    stats = reconstruction_stats(_InfoWithStats())
+    np.testing.assert_array_equal(stats["text"][1],
+                                  [4.0, 1.0, VARIANCE_FLOOR * 3.0, 9.0, 1.0])  # mean var = 3
+    np.testing.assert_array_equal(stats["vec"][1], np.ones(7))  # all constant: unit variances
+    np.testing.assert_array_equal(stats["vec"][0], np.zeros(7))
+    # Without statistics: 0 and 1, the raw squared error.
+    np.testing.assert_array_equal(losses.reconstruction_variances(_Info())[1], np.ones(3))
+    # The decoders answer in feature units: mean + std * (W h + b).
+    fns, params = _build_cfg(info=_InfoWithStats())
+    h = jax.random.normal(jax.random.key(3), (4, 12))
+    for i, m in enumerate(_Info.modalities):
+        dec = params["decoders"][i]
+        linear = np.asarray(h) @ np.asarray(dec["kernel"].value) + np.asarray(dec["bias"].value)
+        mean, var = stats[m]
+        np.testing.assert_allclose(fns.reconstruct(params, h)[i], mean + np.sqrt(var) * linear,
+                                   rtol=1e-5, atol=1e-3 if m == "audio" else 1e-5)
+
+
+def test_model_config_fields_are_validated():
+    from experiments import config_lib
+    from experiments.configs import default
+    from modalimmune_jax import methods
+    for field, value in (("dropout", 1.0), ("dropout", -0.1), ("input_norm", "yes")):
+        as_dict = default.get_config("digits").to_dict()
+        as_dict["model"][field] = value  # via a dict: ConfigDict would refuse a str for a bool
+        config = ml_collections.ConfigDict(as_dict)
+        with pytest.raises(config_lib.ConfigError, match=f"config.model.{field}"):
+            config_lib.validate_config(config, methods=methods.METHODS)

@@ -1,7 +1,9 @@
 """Baseline training objectives: `erm` and `moddrop` (DESIGN.md §4).
 
 Each factory returns ``loss_fn(params, batch, rng) -> (loss, measurements)``, a pure function the
-generic train step differentiates.
+generic train step differentiates. The training forward passes get a key derived from ``rng`` for
+the model's dropout (``config.model.dropout``); reference passes (the clean prediction and the
+attack of `consistency`) run the deterministic model.
 """
 
 import jax
@@ -12,13 +14,18 @@ from modalimmune_jax.interventions import remove_for_training
 from modalimmune_jax.robustness import random_missing_keep
 
 
-def supervised_loss(apply_fns, params, batch, *, info, config):
-    """Task loss plus weighted reconstruction loss on one batch: ``(scalar, measurements)``."""
-    out = apply_fns.apply(params, batch)
+def supervised_loss(apply_fns, params, batch, *, info, config, rng=None):
+    """Task loss plus weighted reconstruction loss on one batch: ``(scalar, measurements)``.
+
+    ``rng``: the dropout key of this forward pass (None: the deterministic model). The
+    reconstruction loss is scale-free (``losses.reconstruction_loss``, DESIGN.md §3.5).
+    """
+    out = apply_fns.apply(params, batch, rng=rng)
     task = jnp.mean(losses.task_loss(out["preds"], batch["label"], task=info.task,
                                      regression_loss=config.loss.regression))
-    rec = jnp.mean(losses.reconstruction_loss(out["recon"],
-                                              losses.pooled_features(batch, info.modalities)))
+    rec = jnp.mean(losses.reconstruction_loss(
+        out["recon"], losses.pooled_features(batch, info.modalities),
+        variances=losses.reconstruction_variances(info)))
     loss = task + config.loss.reconstruction * rec
     return loss, {"task_loss": task, "rec_loss": rec}
 
@@ -27,8 +34,7 @@ def make_erm_loss(apply_fns, *, info, config):
     """Plain training on full modalities."""
 
     def loss_fn(params, batch, rng):
-        del rng
-        return supervised_loss(apply_fns, params, batch, info=info, config=config)
+        return supervised_loss(apply_fns, params, batch, info=info, config=config, rng=rng)
 
     return loss_fn
 
@@ -47,7 +53,8 @@ def make_moddrop_loss(apply_fns, *, info, config):
         dropped = remove_for_training(batch, keep, key=k_flag,
                                       mask_prob=config.removal.mask_prob,
                                       modalities=info.modalities)
-        loss, meas = supervised_loss(apply_fns, params, dropped, info=info, config=config)
+        loss, meas = supervised_loss(apply_fns, params, dropped, info=info, config=config,
+                                     rng=jax.random.fold_in(rng, 1))
         meas["kept_fraction"] = jnp.mean(keep)
         return loss, meas
 
@@ -72,22 +79,31 @@ def prediction_divergence(preds, reference, *, task):
 def make_consistency_loss(apply_fns, *, info, config):
     """Cai et al. (2505.19616): PGD-perturb one non-target modality, penalize the prediction shift.
 
-    Each step picks one modality uniformly at random and perturbs its raw features with
+    Each step picks one modality uniformly at random and perturbs its features with
     ``config.consistency.steps`` PGD steps of size ``alpha`` on the raw gradient, each step clipped
     to ``[-eps, eps]``, ascending the divergence from the clean prediction; the loss is the clean
     supervised loss plus ``weight * divergence(q_pert ‖ stop_grad(p_clean))`` (DESIGN.md §4).
+
+    ``eps`` and ``alpha`` are in units of the training feature std (``info.feature_std``): the
+    attack runs on ``u`` with ``x + std * u``, so its strength does not depend on a view's units
+    (issue 14). On standardized features (std 1) this is the attack on the raw features; a
+    constant feature (std 0) is never perturbed.
     """
     cc = config.consistency
     mods = info.modalities
+    std = {m: jnp.asarray(info.feature_std[m], jnp.float32) if info.feature_std else
+           jnp.ones(info.feature_shapes[m][-1], jnp.float32) for m in mods}  # [D_m]
 
     def loss_fn(params, batch, rng):
-        sup, meas = supervised_loss(apply_fns, params, batch, info=info, config=config)
+        sup, meas = supervised_loss(apply_fns, params, batch, info=info, config=config,
+                                    rng=jax.random.fold_in(rng, 2))
         clean = jax.lax.stop_gradient(apply_fns.apply(params, batch)["preds"])
         pick = jax.random.randint(rng, (), 0, len(mods))
 
         def perturbed(deltas):
-            # One delta per modality, used only for the picked one (a static branch-free select).
-            return {**batch, **{m: batch[m] + jnp.where(pick == i, deltas[m], 0.0)
+            # One delta per modality, used only for the picked one (a static branch-free select);
+            # deltas are in std units, [D_m] broadcasts over the leading axes.
+            return {**batch, **{m: batch[m] + jnp.where(pick == i, std[m] * deltas[m], 0.0)
                                 for i, m in enumerate(mods)}}
 
         def divergence(deltas, p):

@@ -107,7 +107,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
                if mi.regularizer else jnp.zeros([]))
         rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
-                                                  losses.pooled_features(batch, mods)))
+                                                  losses.pooled_features(batch, mods),
+                                                  variances=losses.reconstruction_variances(info)))
         lam_c, lam_r = jnp.exp(phi["log_reg_weight"]), jnp.exp(phi["log_rec_weight"])
         # 0 on an all-clean batch: the collapsed branch then equals the clean one.
         destructive = jnp.max(hit) * (mi.collapse_weight * task_col + lam_c * reg)

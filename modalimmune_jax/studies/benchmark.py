@@ -255,8 +255,9 @@ def time_hypergrad_compile(bench, terms=HYPERGRAD_TERMS):
 
     def inner(p, f):  # depends on φ through the reconstruction weight, as the trainer's does
         out = bench.apply_fns.apply(p, batch)
-        rec = jnp.mean(losses.reconstruction_loss(out["recon"],
-                                                  losses.pooled_features(batch, mods)))
+        rec = jnp.mean(losses.reconstruction_loss(
+            out["recon"], losses.pooled_features(batch, mods),
+            variances=losses.reconstruction_variances(bench.info)))
         return bench.clean_task(p, batch) + jnp.exp(f["log_rec_weight"]) * rec
 
     out = {}

@@ -124,6 +124,14 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
         _positive_int(config, name)
     if not config.optimizer.lr > 0:
         raise ConfigError(f"config.optimizer.lr must be > 0, got {config.optimizer.lr!r}")
+    if config.dataset.get("normalize", None) not in (None, "", "none", "standardize"):
+        raise ConfigError(f"config.dataset.normalize must be 'none' or 'standardize', got "
+                          f"{config.dataset.normalize!r}")
+    if "dropout" in config.model:
+        _in_range(config, "model.dropout", 0, 1, hi_open=True)
+    if not isinstance(config.model.get("input_norm", False), bool):
+        raise ConfigError(f"config.model.input_norm must be True or False, got "
+                          f"{config.model.input_norm!r}")
     if not 0.0 <= config.moddrop.p < 1.0:
         raise ConfigError(f"config.moddrop.p must be in [0, 1), got {config.moddrop.p!r}")
     # Fields that would otherwise fail deep inside the first jitted step, or silently give NaN

@@ -17,10 +17,12 @@ import dataclasses
 import json
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from data_pipelines.normalization import MODES
 from data_pipelines.pipeline import SOURCES, prepare
+from modalimmune_jax.training import cli
+from modalimmune_jax.training.config import absolute_path
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder (or file) with the user's data files.")
@@ -37,14 +39,14 @@ _NORMALIZE = flags.DEFINE_enum(
 )
 _TASK = flags.DEFINE_enum("task", None, ["classification", "regression"], "synthetic only.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", None, "synthetic only.")
-flags.mark_flags_as_required(["dataset", "data_dir"])
 
 
-def main(argv):
-    del argv
+def build_command() -> str:
+    """Builds (or finds) the dataset; returns its description (JSON) for the terminal."""
     cfg = {
         "name": _DATASET.value,
-        "path": _MANUAL_DIR.value,
+        # Paths as the user typed them, resolved once here (relative, ~).
+        "path": absolute_path(_MANUAL_DIR.value),
         "layout": _LAYOUT.value,
         "max_len": _MAX_LEN.value,
     }
@@ -54,14 +56,20 @@ def main(argv):
         cfg["task"] = _TASK.value
     if _DATA_SEED.value is not None:
         cfg["data_seed"] = _DATA_SEED.value
-    info = prepare(ml_collections.ConfigDict(cfg), data_dir=_DATA_DIR.value)
+    data_dir = absolute_path(_DATA_DIR.value)
+    info = prepare(ml_collections.ConfigDict(cfg), data_dir=data_dir)
     out = dataclasses.asdict(info)
     # The per-feature statistics run to thousands of numbers (768 BERT features): they are in the
     # build's metadata.json; print their size only.
     for key in ("feature_std", "pooled_mean", "pooled_variance", "normalization"):
         out[key] = f"{len(out[key])} modalities (see the build's metadata.json)"
-    print(json.dumps(out, indent=2))
+    return json.dumps({**out, "data_dir": data_dir}, indent=2)
+
+
+def main(argv):
+    cli.main(argv, build_command)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.mark_flags_as_required(["dataset", "data_dir"])
+    cli.run(main)

@@ -34,7 +34,7 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 MODALITIES = ("strong", "medium", "weak")
 # Per view: (typical factor, offset scale); the features' spreads then span ~1e-4 to ~1e3.
@@ -110,25 +110,34 @@ _SMALL = flags.DEFINE_bool("small", False, "The small form (150/60/60), for test
 _SEED = flags.DEFINE_integer("seed", 0, "Split and per-feature scales.")
 
 
-def main(argv):
-    del argv
+def report(out: str, *, seed: int, small: bool) -> str:
+    """Writes the dataset to `out`; returns its sizes and each view's linear accuracy (JSON)."""
     # Imported here: the library (jax) is needed only for the report, not to build the data.
     from modalimmune_jax import linear_reference  # noqa: PLC0415
 
-    data = write(_OUT.value, seed=_SEED.value, small=_SMALL.value)
+    data = write(out, seed=seed, small=small)
     arrays = {s: {**{m: d[m] for m in MODALITIES}, "label": d["labels"],
                   "lengths": np.ones((len(d["labels"]), len(MODALITIES)), np.int32)}
               for s, d in data.items()}
-    report = {"sizes": {s: len(d["labels"]) for s, d in data.items()},
+    result = {"out": out, "sizes": {s: len(d["labels"]) for s, d in data.items()},
               "feature_std": {m: [float(data["train"][m].std(0).min()),
                                   float(data["train"][m].std(0).max())] for m in MODALITIES}}
     for name, keep in [("all", None)] + [(m, [m]) for m in MODALITIES]:
-        report[f"logreg_test_acc/{name}"] = linear_reference.linear_reference(
+        result[f"logreg_test_acc/{name}"] = linear_reference.linear_reference(
             arrays["train"], arrays["test"], modalities=MODALITIES, task="classification",
             metric_family="classification", keep=keep)["acc"]
-    print(json.dumps(report, indent=2))
+    return json.dumps(result, indent=2)
+
+
+def main(argv):
+    from modalimmune_jax.training import cli, config  # noqa: PLC0415 -- an entry point's own
+
+    cli.main(argv, lambda: report(config.absolute_path(_OUT.value), seed=_SEED.value,
+                                  small=_SMALL.value))
 
 
 if __name__ == "__main__":
+    from modalimmune_jax.training import cli  # noqa: PLC0415
+
     flags.mark_flags_as_required(["out"])
-    app.run(main)
+    cli.run(main)

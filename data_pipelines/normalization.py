@@ -35,7 +35,7 @@ _CHUNK = 1024
 
 def _time_valid(lengths: np.ndarray, num_steps: int, *, at_least_one: bool) -> np.ndarray:
     """``[N]`` lengths -> ``[N, T]`` bool, True at the valid timesteps ``t < lengths``."""
-    if at_least_one:  # the model's and the losses' convention (model._time_mask)
+    if at_least_one:  # the model's and the losses' convention (model.time_mask)
         lengths = np.maximum(lengths, 1)
     return np.arange(num_steps)[None, :] < lengths[:, None]
 

@@ -153,5 +153,7 @@ def linear_reference_conditions(train_arrays: Mapping[str, np.ndarray],
 
     full = fit(None)
     missing = {name: fit(keep) for name, keep in missing_conditions(modalities)}
-    return {"full": full, "missing": missing,
-            "missing_avg": {k: float(np.mean([v[k] for v in missing.values()])) for k in full}}
+    # One modality: no condition, so no average (null in JSON, not NaN).
+    avg = ({k: float(np.mean([v[k] for v in missing.values()])) for k in full}
+           if missing else None)
+    return {"full": full, "missing": missing, "missing_avg": avg}

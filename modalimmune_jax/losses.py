@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modalimmune_jax.model import _time_mask, masked_mean, reconstruction_stats
+from modalimmune_jax.model import masked_mean, reconstruction_stats, time_mask
 
 REGRESSION_LOSSES = ("l1", "mse")
 
@@ -45,7 +45,7 @@ def pooled_features(batch: Mapping[str, jax.Array], modalities: Sequence[str]) -
     for i, m in enumerate(modalities):
         x = batch[m]
         if x.ndim == 3:
-            x = masked_mean(x, _time_mask(batch["lengths"][:, i], x.shape[1]))
+            x = masked_mean(x, time_mask(batch["lengths"][:, i], x.shape[1]))
         out.append(x)
     return tuple(out)
 
@@ -85,7 +85,7 @@ def reconstruction_variances(info) -> tuple[jax.Array, ...]:
 def r2_per_modality(recon: Sequence[jax.Array], targets: Sequence[jax.Array]) -> jax.Array:
     """Coefficient of determination per modality, pooled over feature dims: ``[M]`` float32."""
     out = []
-    for r, t in zip(recon, targets):
+    for r, t in zip(recon, targets, strict=True):
         ss_res = jnp.sum(jnp.square(t - r))
         ss_tot = jnp.sum(jnp.square(t - jnp.mean(t, axis=0, keepdims=True)))
         out.append(1.0 - ss_res / jnp.maximum(ss_tot, 1e-12))

@@ -67,7 +67,7 @@ def reconstruction_stats(info) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _time_mask(lengths: jax.Array, num_steps: int) -> jax.Array:
+def time_mask(lengths: jax.Array, num_steps: int) -> jax.Array:
     """``[B]`` int lengths -> ``[B, T]`` float32 validity mask (at least one valid step)."""
     lengths = jnp.maximum(lengths, 1)
     return (jnp.arange(num_steps)[None, :] < lengths[:, None]).astype(jnp.float32)
@@ -121,7 +121,7 @@ class Encoder(nnx.Module):
                  ) -> jax.Array:
         if x.ndim == 2:  # a vector modality is a length-1 sequence
             x = x[:, None, :]
-        tmask = _time_mask(lengths, x.shape[1])  # [B, T]
+        tmask = time_mask(lengths, x.shape[1])  # [B, T]
         if self.in_norm is not None:
             # Per timestep over the features; padding steps become beta but are masked below.
             x = self.in_norm(x)

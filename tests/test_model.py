@@ -257,7 +257,7 @@ def test_reconstruction_stats_floor_and_decoder_units():
 
 
 def test_model_config_fields_are_validated():
-    from experiments import config_lib
+    from modalimmune_jax.training import config as config_lib
     from experiments.configs import default
     from modalimmune_jax import methods
     for field, value in (("dropout", 1.0), ("dropout", -0.1), ("input_norm", "yes")):

@@ -82,7 +82,8 @@ def _setup(task, *, d=4, mask_prob=0.0, noise=False, alpha=0.5, n=16):
                         num_classes=num_classes, encoder="conv", d=d, d_h=6, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     fns = make_apply_fns(graphdef)
-    info = types.SimpleNamespace(modalities=MODS, task=task, num_classes=num_classes)
+    info = types.SimpleNamespace(modalities=MODS, task=task, num_classes=num_classes,
+                                 feature_shapes={"a": (3, 2), "b": (4,)})
     config = default.get_config("synthetic,tiny")
     with config.unlocked():
         config.method = "ogm_ge"

@@ -29,7 +29,9 @@ from modalimmune_jax.studies import unlearn
 
 MODS = ("text", "audio", "vision")
 BATCH = 2048
-INFO = types.SimpleNamespace(modalities=MODS, task="classification", num_classes=3)
+FEATURES = {"text": (3, 2), "audio": (4,), "vision": (2, 3)}
+INFO = types.SimpleNamespace(modalities=MODS, task="classification", num_classes=3,
+                             feature_shapes=FEATURES)
 
 
 def _instrumented(records):
@@ -40,8 +42,7 @@ def _instrumented(records):
     model's. ``apply`` is composed from these ``encode`` and ``head``, so a path that calls
     ``apply`` and one that calls ``encode``/``head`` itself are observed alike.
     """
-    model = FusionModel(modalities=MODS, feature_shapes={"text": (3, 2), "audio": (4,),
-                                                         "vision": (2, 3)},
+    model = FusionModel(modalities=MODS, feature_shapes=FEATURES,
                         task="classification", num_classes=3, d=4, d_h=8, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     real = make_apply_fns(graphdef)
@@ -49,20 +50,20 @@ def _instrumented(records):
     def record(present, mask):
         records.append((np.asarray(present), np.asarray(mask)))
 
-    def encode(p, batch):
-        z = real.encode(p, batch)  # [B, M, d]
+    def encode(p, batch, **kwargs):
+        z = real.encode(p, batch, **kwargs)  # [B, M, d]
         present = jnp.stack([jnp.any(batch[m].reshape(batch[m].shape[0], -1) != 0, axis=1)
                              for m in MODS], axis=1)  # [B, M]
         return z * present[..., None]
 
-    def head(p, z, mask):
+    def head(p, z, mask, **kwargs):
         jax.debug.callback(record, jnp.any(z != 0, axis=-1), mask)
-        return real.head(p, z, mask)
+        return real.head(p, z, mask, **kwargs)
 
     def apply(p, batch, *, rng=None, interventions=None):
-        del rng, interventions
-        z = encode(p, batch)
-        h, preds = head(p, z, batch["mask"])
+        del interventions
+        z = encode(p, batch, rng=rng)
+        h, preds = head(p, z, batch["mask"], rng=rng)
         return {"z": z, "h": h, "preds": preds, "recon": real.reconstruct(p, h)}
 
     return params, ApplyFns(encode=encode, head=head, reconstruct=real.reconstruct, apply=apply)

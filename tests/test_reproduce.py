@@ -287,7 +287,7 @@ def test_suite_writes_results_table_and_plots(tiny_suite):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(results))
-    assert set(saved) == {"erm", "_meta", "unlearning"}
+    assert set(saved) == {"erm", "_meta", "unlearning", "linear"}
     meta = saved["_meta"]
     assert meta["seeds"] == [0] and meta["steps"] == 10 and meta["runs"] == ["erm"]
     assert meta["modalities"] == list(MODS) and meta["curve_metric"] == "acc"
@@ -309,10 +309,15 @@ def test_suite_writes_results_table_and_plots(tiny_suite):
 
     with open(os.path.join(out, "table.md")) as f:
         md = f.read()
-    missing, rob, unl = _table_rows(md)
-    assert missing[0] == ["Method", "Full", *CONDITIONS, "Avg"]
+    missing, missing_mask, rob, linear, unl = _table_rows(md)
+    assert missing[0] == missing_mask[0] == ["Method", "Full", *CONDITIONS, "Avg"]
     assert [r[0] for r in missing[1:]] == ["erm"] and [r[0] for r in rob[1:]] == ["erm"]
     assert missing[1][1] == _cell(ev["full"]["acc"], 0.0)
+    assert missing_mask[1][-1] == _cell(ev["missing_avg_mask"]["acc"], 0.0)
+    # The linear reference: its cells are results.json's numbers (one fit, no std).
+    assert linear[0] == ["Method", "Full", *CONDITIONS, "Avg"] and linear[1][0] == "linear"
+    assert linear[1][1] == f"{100 * saved['linear']['full']['acc']:.1f}"
+    assert saved["linear"]["pooling"] in ("mean", "flatten")
     assert [r[0] for r in unl[1:]] == list(suite.UNLEARNING_METHODS)
     assert "forget_quality/probe_acc" in unl[0] and "retained/missing/acc" in unl[0]
 
@@ -351,7 +356,7 @@ def test_workers_give_the_sequential_results(tiny_suite, tmp_path):
     path = os.path.join("runs", "erm", "seed0", "eval.json")
     with open(os.path.join(out, path)) as f, open(os.path.join(par, path)) as g:
         assert json.load(f) == json.load(g)
-    assert set(results) == {"erm", "moddrop", "_meta"}
+    assert set(results) == {"erm", "moddrop", "_meta", "linear"}
     with open(os.path.join(par, "wall_times.json")) as f:
         assert set(json.load(f)) == {"erm/seed0", "moddrop/seed0"}
 

@@ -191,13 +191,15 @@ def make_ogm_ge(apply_fns, *, info, config) -> Method:
     # The window in steps, inclusive at both ends like the official epoch test.
     first, last = og.modulation_starts * config.num_steps, og.modulation_ends * config.num_steps
 
-    def loss_fn(params, batch):
-        return supervised_loss(apply_fns, params, batch, info=info, config=config)
+    def loss_fn(params, batch, key):
+        # The model's dropout, as erm's (the unimodal scores below are deterministic).
+        return supervised_loss(apply_fns, params, batch, info=info, config=config, rng=key)
 
     def grads(params, extra, batch, rng, *, step, meta_batch):
         del meta_batch
         k_remove, k_noise = jax.random.split(rng)
-        (loss, meas), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        (loss, meas), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
+                                                                    jax.random.fold_in(rng, 1))
         scores = unimodal_scores(apply_fns, params, batch, key=k_remove,
                                  mask_prob=config.removal.mask_prob, task=info.task,
                                  regression_loss=config.loss.regression, modalities=mods)

@@ -56,7 +56,7 @@ from flax import nnx
 from modalimmune_jax import losses
 from modalimmune_jax.interventions import gate_modalities, remove_for_training
 from modalimmune_jax.methods.baselines import prediction_divergence
-from modalimmune_jax.model import ApplyFns, _time_mask
+from modalimmune_jax.model import ApplyFns, time_mask
 
 METHODS = ("retrain", "finetune", "neggrad", "ccu", "manu", "modalimmune")
 STATISTICS = ("abs", "var", "rms")
@@ -385,7 +385,7 @@ def encoder_layer_activations(
             for p in path:
                 node = node[p]
             acts = node["__call__"].get_value()[0]
-            weights = (_time_mask(lengths, acts.shape[1]) if acts.ndim == 3
+            weights = (time_mask(lengths, acts.shape[1]) if acts.ndim == 3
                        else jnp.ones(acts.shape[:1], jnp.float32))
             out[tuple(path)] = (acts.astype(jnp.float32), weights)
     return out

@@ -305,11 +305,13 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
         f"match at level 0, so erm scores 0 and positive is more robust than erm.\n")
     parts.append(table(robustness_table(results, names=names, metric=curve)))
     if results.get("linear"):
+        pooled = {"mean": "time-pooled", "flatten": "timesteps side by side"}.get(
+            results["linear"].get("pooling"), "time-pooled")
         number += 1
         metric = TABLE_METRICS[family][0]
         parts.append(
             f"**Table {number}.** The linear reference: scikit-learn logistic regression (ridge "
-            f"for regression) on standardized, time-pooled features, test split `{metric}`. "
+            f"for regression) on standardized features ({pooled}), test split `{metric}`. "
             f"Full: on every modality; each condition: a linear specialist trained on the kept "
             f"modalities only. Deterministic (no seeds).\n")
         parts.append(_markdown(*linear_table(results["linear"], modalities=modalities,

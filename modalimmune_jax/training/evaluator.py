@@ -36,18 +36,6 @@ CURVE_METRIC = {"classification": "acc", "sentiment": "Non0_acc_2", "iemocap": "
                 "regression": "Corr"}
 
 
-def feature_stds(arrays, modalities) -> dict[str, np.ndarray]:
-    """Per-feature std ``[D_m]`` of each modality over valid timesteps of a (training) split."""
-    out = {}
-    for i, m in enumerate(modalities):
-        x = np.asarray(arrays[m], np.float64)
-        if x.ndim == 3:
-            valid = np.arange(x.shape[1])[None, :] < np.maximum(arrays["lengths"][:, i], 1)[:, None]
-            x = x[valid]  # [N, T, D] -> [valid steps, D]
-        out[m] = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
-    return out
-
-
 class Evaluator:
     """Prediction functions compiled once per run, shared by every split and condition."""
 

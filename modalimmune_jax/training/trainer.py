@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -35,7 +36,7 @@ from modalimmune_jax.training import checkpoint, files, summary
 from modalimmune_jax.training import config as config_lib
 from modalimmune_jax.training import mesh as mesh_lib
 from modalimmune_jax.training.errors import CheckpointError, ConfigError, TrainingDiverged
-from modalimmune_jax.training.evaluator import Evaluator, feature_stds
+from modalimmune_jax.training.evaluator import Evaluator
 from modalimmune_jax.training.step import (
     make_init_fn,
     make_meta_batch,
@@ -155,11 +156,18 @@ def _method(config, built: Setup, hooks: Hooks):
 
 
 def make_evaluator(config, built: Setup, mesh) -> Evaluator:
-    """The run's evaluator; the corruption noise is scaled by the train split's feature std."""
-    train_arrays = data_pipelines.load_split(config.dataset, "train", data_dir=built.data_dir)
-    return Evaluator(built.apply_fns, built.info, batch_size=config.eval.batch_size,
+    """The run's evaluator; the corruption noise is scaled by the train split's feature std.
+
+    The std is the build's (`DatasetInfo.feature_std`: over valid timesteps of the stored, i.e.
+    standardized, features; MMSA's -inf left out), floored at 1e-6 so a constant feature still
+    gets a little noise.
+    """
+    info = built.info
+    feature_std = {m: np.maximum(np.asarray(info.feature_std[m], np.float32), 1e-6)
+                   for m in info.modalities}
+    return Evaluator(built.apply_fns, info, batch_size=config.eval.batch_size,
                      put_fn=mesh_lib.make_eval_put_fn(mesh), seed=config.seed,
-                     feature_std=feature_stds(train_arrays, built.info.modalities))
+                     feature_std=feature_std)
 
 
 def _measurements(meas) -> dict:

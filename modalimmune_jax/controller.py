@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.interventions import drop_modalities, remove_for_training
 
 
 def information_gain(
@@ -22,15 +22,18 @@ def information_gain(
     batch: Mapping[str, jax.Array],
     *,
     modalities: Sequence[str],
+    key: jax.Array | None = None,
+    mask_prob: jax.typing.ArrayLike = 1.0,
 ) -> jax.Array:
     """Signed leave-one-out information gain of every modality on one batch.
 
-    ``IG_m = mean_b[loss(x without m)_b] - mean_b[loss(x)_b]``, where "without m" zero-fills
-    modality m and sets its mask column to 0 (``drop_modalities(..., set_mask=True)``, the
-    training-intervention protocol of DESIGN §2). Positive: the model needs m; zero: it ignores m;
-    negative: removing m helps (e.g. m carries noise the model has fitted). No squaring, no
-    clipping. Computed under ``stop_gradient``, with M + 1 forward passes run as one ``lax.map``
-    over keep-vectors (one traced forward pass, whatever M).
+    ``IG_m = mean_b[loss(x without m)_b] - mean_b[loss(x)_b]``, where "without m" is the shared
+    training-time removal (``remove_for_training``, DESIGN §2): m is zero-filled and, with
+    probability ``mask_prob`` per example, flagged absent (with ``key=None``: always flagged).
+    Positive: the model needs m; zero: it ignores m; negative: removing m helps (e.g. m carries
+    noise the model has fitted). No squaring, no clipping. Computed under ``stop_gradient``, with
+    M + 1 forward passes run as one ``lax.map`` over keep-vectors (one traced forward pass,
+    whatever M).
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` returning the per-example loss ``[B]`` (or any shape;
@@ -40,6 +43,9 @@ def information_gain(
         batch: dict with one array per modality (``[B, T_m, D_m]`` or ``[B, D_m]``), ``"mask"``
             ``[B, M] float32``, the label and any other keys.
         modalities: the M modality names, in the column order of ``batch["mask"]``.
+        key: PRNG key of the per-example mask flags (the same flags for every m); None flags
+            every removal, as ``mask_prob = 1`` does.
+        mask_prob: ``config.removal.mask_prob``.
 
     Returns:
         ``[M] float32``, the gain of each modality, in the order of ``modalities``.
@@ -54,7 +60,11 @@ def information_gain(
     )  # [M + 1, M]
 
     def batch_loss(keep):
-        dropped = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
+        if key is None:
+            dropped = drop_modalities(batch, keep, modalities=modalities, set_mask=True)
+        else:
+            dropped = remove_for_training(batch, keep, key=key, mask_prob=mask_prob,
+                                          modalities=modalities)
         return jnp.mean(loss_fn(params, dropped)).astype(jnp.float32)
 
     losses = jax.lax.map(batch_loss, keeps)  # [M + 1]

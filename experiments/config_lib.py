@@ -74,7 +74,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("optimizer.weight_decay", 0, None, False, False),
             ("optimizer.grad_clip", 0, None, False, False),
             ("mi.strength", 0, 1, True, True), ("mi.p_clean", 0, 1, False, False),
-            ("mi.mask_prob", 0, 1, False, False), ("mi.ema_beta", 0, 1, False, True),
+            ("removal.mask_prob", 0, 1, False, False), ("mi.ema_beta", 0, 1, False, True),
             ("mi.curv_decay", 0, 1, False, True),
             ("mi.tau", 0, None, True, False), ("mi.reg_weight", 0, None, True, False),
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from modalimmune_jax.curvature import extreme_eigenvalues_from_hvp, linearized_hvp
+from modalimmune_jax.hvp import linearized_hvp
+from modalimmune_jax.lanczos import extreme_eigenvalues_from_hvp
 
 PyTree = Any
 HvpFn = Callable[[PyTree], PyTree]

@@ -90,7 +90,7 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
                                                                   meta_batch)
     chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
     # The check must bite: the refreshes really ran (IG filled, a target or clean step drawn).
-    assert np.any(np.asarray(ref[1]["last_ig"]) != 0.0)
+    assert np.any(np.asarray(ref[1].last_ig) != 0.0)
     if meta:
         assert float(ref[2]["cert/lambda_max"]) != 0.0
 

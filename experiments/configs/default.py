@@ -149,8 +149,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.gamma = 0.0
     # Centre of a full collapse: "null" (the zero-filled input's embedding) or "mean" (batch mean).
     config.mi.anchor = "null"
-    # Probability that a collapsed target is also flagged absent in the mask.
-    config.mi.mask_prob = 0.5
     # Weight of the task loss on the collapsed representation.
     config.mi.collapse_weight = 1.0
     # Collapse regularizer R (§3.2) and its initial weight (a meta-parameter).

@@ -10,15 +10,12 @@ from modalimmune_jax.controller import (
     select_target,
     update_controller,
 )
-from modalimmune_jax.curvature import (
-    curvature_mask,
-    extreme_eigenvalues,
-    hutchinson_diagonal,
-    hvp,
-    split_gradients,
-)
+from modalimmune_jax.curvature import CurvatureEMA, hutchinson_diagonal
+from modalimmune_jax.curvature_mask import curvature_mask, split_gradients
+from modalimmune_jax.hvp import hvp, linearized_hvp
 from modalimmune_jax.hypergrad import implicit_hypergradient, neumann_inverse_hvp
 from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.lanczos import extreme_eigenvalues
 from modalimmune_jax.spectral import (
     collapse_regularizer,
     effective_rank,
@@ -28,6 +25,7 @@ from modalimmune_jax.spectral import (
 
 __all__ = [
     "ControllerState",
+    "CurvatureEMA",
     "collapse_regularizer",
     "curvature_mask",
     "drop_modalities",
@@ -38,6 +36,7 @@ __all__ = [
     "implicit_hypergradient",
     "information_gain",
     "init_controller",
+    "linearized_hvp",
     "neumann_inverse_hvp",
     "select_target",
     "spectral_collapse",

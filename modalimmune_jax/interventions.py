@@ -28,8 +28,8 @@ def drop_modalities(
         ``"mask"`` ``[B, M] float32`` and any other keys (passed through unchanged).
       keep: ``[M]`` or ``[B, M]`` float or bool; 1 keeps modality m (for that sample), 0 removes it.
       modalities: the M modality names, in the column order of ``batch["mask"]``.
-      set_mask: True for the `mask` protocol and training interventions (mask *= keep); False for the
-        `zero` protocol (mask left as is).
+      set_mask: True for the `mask` protocol (mask *= keep); False for the `zero` protocol (mask
+        left as is). Training-time removals go through `remove_for_training` instead.
 
     Returns:
       A new batch dict with the same structure, shapes and dtypes.

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from modalimmune_jax.spectral import is_static_zero, spectral_collapse
+
 ENCODERS = ("mlp", "conv", "transformer")
 FUSIONS = ("concat", "attention")
 TASKS = ("classification", "regression", "multilabel")
@@ -295,6 +297,8 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
     The modalities go through a `lax.map`, one ``[B, d]`` SVD at a time. A batched (vmapped) SVD
     deadlocked XLA:CPU on 2 cores: LAPACK's batch loop blocks a worker of the intra-op pool while
     waiting for chunks queued on that same pool, and two such SVDs in flight took both workers.
+    `spectral.spectral_collapse` with a static ``gamma = 0`` has no SVD (its closed form), so it is
+    vmapped instead: with the null anchor the target becomes ``(1 - strength) z + strength null``.
 
     Args:
       z: ``[B, M, d]`` embeddings.
@@ -313,7 +317,10 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
     if collapse_fn is None:
         raise ValueError("interventions['target'] needs a collapse_fn (make_apply_fns)")
     zm = jnp.moveaxis(z, 1, 0)  # [M, B, d]
-    collapsed = jax.lax.map(lambda x: collapse_fn(x, strength, gamma), zm)
+    if collapse_fn is spectral_collapse and is_static_zero(gamma):
+        collapsed = jax.vmap(collapse_fn, in_axes=(0, None, None))(zm, strength, gamma)
+    else:
+        collapsed = jax.lax.map(lambda x: collapse_fn(x, strength, gamma), zm)
     if null is not None:
         collapsed = collapsed + strength * (jnp.moveaxis(null, 1, 0)
                                             - jnp.mean(zm, axis=1, keepdims=True))

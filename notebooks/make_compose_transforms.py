@@ -15,7 +15,8 @@ small problems and checks each against an exact reference:
 1. the spectral collapse operator and the spectra before/after;
 2. the information-gain controller reacting to a model that ignores a modality;
 3. curvature estimates (HVP, Hutchinson, Lanczos extremes) against the explicit Hessian;
-4. the certified Neumann hypergradient against the closed form on ridge regression."""),
+4. the certified Neumann hypergradient against the closed form on ridge regression;
+5. the curvature mask as the first link of an optax chain, fed a curvature EMA."""),
     ("code", """import jax, jax.numpy as jnp, numpy as np
 import matplotlib
 matplotlib.use("Agg")
@@ -81,6 +82,26 @@ hg, cert = mi.implicit_hypergradient(inner, outer, w_star, phi, num_terms=400, k
 print(f"hypergradient {float(hg):.6f} vs exact {float(exact):.6f}")
 print({k: float(cert[k]) for k in ("valid", "bound", "residual_norm", "posterior_bound")})
 assert abs(float(hg) - float(exact)) <= 1e-3 * abs(float(exact)) and bool(cert["valid"])"""),
+    ("md", """## 5. The curvature mask in the optimizer chain
+
+`curvature_mask` damps the destructive part `d` of the update where `|diag H|` is high:
+`u' = u - (1 - s) d`. Given a `CurvatureEMA`, it recomputes the scale `s` only when the
+EMA's `count` moves (the quantile over every parameter is the costly part), and keeps it in its
+state."""),
+    ("code", """import optax
+from modalimmune_jax.curvature import init_curvature_ema, update_curvature_ema
+diag = mi.hutchinson_diagonal(f, p0, jax.random.key(2), 64)
+ema = update_curvature_ema(init_curvature_ema(p0), diag, decay=0.9)
+tx = optax.chain(mi.curvature_mask(quantile=0.5, mode="hard"), optax.sgd(1.0))
+g = jax.grad(f)(p0)
+destructive = jax.tree.map(lambda x: 0.5 * x, g)  # pretend half the gradient is destructive
+updates, state = tx.update(g, tx.init(p0), p0, curvature=ema, destructive=destructive)
+h = np.abs(ravel_pytree(ema.diag)[0])
+keep = np.where(h > np.quantile(h, 0.5), 0.0, 1.0)  # hard mask: drop d above the median
+expected = -(ravel_pytree(g)[0] - (1 - keep) * ravel_pytree(destructive)[0])
+print("mask error:", float(jnp.max(jnp.abs(ravel_pytree(updates)[0] - expected))),
+      " fraction masked:", float(state[0].fraction_masked))
+assert np.allclose(ravel_pytree(updates)[0], expected)"""),
 ]
 
 

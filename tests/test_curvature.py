@@ -1,4 +1,5 @@
-"""Tests for modalimmune_jax.curvature against dense references (explicit Hessians, numpy)."""
+"""Tests for the curvature modules (hvp, lanczos, curvature, curvature_mask) against dense
+references: explicit Hessians, numpy sorts and quantiles."""
 
 import functools
 
@@ -11,17 +12,19 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from modalimmune_jax.curvature import (
-    CurvatureMaskState,
-    curvature_mask,
-    extreme_eigenvalues,
-    extreme_eigenvalues_from_hvp,
+    CurvatureEMA,
     hutchinson_diagonal,
-    hvp,
     init_curvature_ema,
-    split_gradients,
-    split_gradients_joint,
     update_curvature_ema,
 )
+from modalimmune_jax.curvature_mask import (
+    CurvatureMaskState,
+    curvature_mask,
+    split_gradients,
+    split_gradients_joint,
+)
+from modalimmune_jax.hvp import hvp
+from modalimmune_jax.lanczos import extreme_eigenvalues, extreme_eigenvalues_from_hvp
 
 
 @pytest.fixture
@@ -270,3 +273,71 @@ def test_curvature_mask_missing_extras_raise():
         chained.update(u, chained.init(u), u)
     with pytest.raises(ValueError):
         curvature_mask(mode="medium")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 37, 1000, 1001])
+def test_quantile_without_sort_equals_jnp_quantile_and_median(dtype, n):
+    # curvature_mask's bisection on bit patterns against jnp's sort-based quantile and median: the
+    # order statistics are exact, the interpolation may round differently (a fused multiply-add),
+    # so 2 ulp; ties, zeros and an inf included.
+    from modalimmune_jax.curvature_mask import _quantile
+    with jax.enable_x64(dtype == np.float64):
+        rng = np.random.default_rng(n)
+        x = np.abs(rng.standard_cauchy(n)).astype(dtype)
+        x[: n // 4] = 0.0
+        x[n // 4: n // 3] = x[n - 1]  # ties
+        if n > 10:
+            x[5] = np.inf
+        x, eps = jnp.asarray(x), np.finfo(dtype).eps
+        for q in (0.0, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0):
+            ours = jax.jit(lambda v, q=q: _quantile(v, q))(x)
+            assert ours.dtype == x.dtype
+            np.testing.assert_allclose(ours, jnp.quantile(x, q), rtol=2 * eps, atol=0)
+        np.testing.assert_allclose(jax.jit(lambda v: _quantile(v, 0.5, midpoint=True))(x),
+                                   jnp.median(x), rtol=2 * eps, atol=0)
+        assert np.isnan(_quantile(x.at[0].set(jnp.nan), 0.9))
+
+
+def test_curvature_mask_recomputes_its_scale_only_when_the_ema_moves():
+    # Given a CurvatureEMA the scale is a function of its count: same count, same scale (even if
+    # the diagonal were different); a new count recomputes it. Equal to the plain-pytree call.
+    u, d, h = _mask_inputs(seed=4)
+    tx = curvature_mask(quantile=0.5, mode="soft", beta=2.0)
+    update = jax.jit(tx.update)
+    ema = update_curvature_ema(init_curvature_ema(h), h, decay=0.9)  # count 1
+    out_ema, state = update(u, tx.init(u), curvature=ema, destructive=d)
+    out_plain, plain_state = update(u, tx.init(u), curvature=h, destructive=d)
+    chex.assert_trees_all_close(out_ema, out_plain, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state.scale, plain_state.scale)
+    assert int(state.curvature_count) == 1 and int(plain_state.curvature_count) == -1
+    np.testing.assert_allclose(state.fraction_masked, plain_state.fraction_masked)
+    other = jax.tree.map(lambda x: x[::-1] * 3.0, h)
+    same_count = CurvatureEMA(other, ema.count)
+    out_again, state_again = update(u, state, curvature=same_count, destructive=d)
+    chex.assert_trees_all_equal(out_again, out_ema)
+    chex.assert_trees_all_equal(state_again.scale, state.scale)
+    assert int(state_again.count) == 2
+    moved = update_curvature_ema(ema, other, decay=0.0)  # count 2, diag = other
+    out_moved, state_moved = update(u, state_again, curvature=moved, destructive=d)
+    expected, _ = update(u, tx.init(u), curvature=other, destructive=d)
+    chex.assert_trees_all_close(out_moved, expected, rtol=1e-6, atol=1e-7)
+    assert int(state_moved.curvature_count) == 2
+
+
+def test_curvature_mask_inside_apply_if_finite_is_the_trainers_chain():
+    # The trainer's chain: the mask first, then clipping and adam, all in apply_if_finite; the
+    # extras pass through, and a missing one still fails loudly.
+    u, d, h = _mask_inputs(seed=5)
+    ema = update_curvature_ema(init_curvature_ema(h), h, decay=0.9)
+    tx = optax.apply_if_finite(optax.chain(curvature_mask(quantile=0.5), optax.clip_by_global_norm(
+        1.0), optax.adam(1e-2)), max_consecutive_errors=5)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+    mask = curvature_mask(quantile=0.5)
+    masked, _ = mask.update(u, mask.init(u), curvature=h, destructive=d)
+    out, state = jax.jit(tx.update)(u, tx.init(u), u, curvature=ema, destructive=d)
+    expected, _ = ref.update(masked, ref.init(u), u)
+    chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert float(optax.tree.get(state, "fraction_masked")) > 0
+    with pytest.raises(TypeError):
+        tx.update(u, tx.init(u), u)

@@ -91,7 +91,7 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
                                                                   meta_batch)
     chex.assert_trees_all_close(out, ref, rtol=RTOL, atol=ATOL)
     # The check must bite: the refreshes really ran (IG filled, a target or clean step drawn).
-    assert np.any(np.asarray(ref[1]["last_ig"]) != 0.0)
+    assert np.any(np.asarray(ref[1].last_ig) != 0.0)
     if meta:
         assert float(ref[2]["cert/lambda_max"]) != 0.0
 
@@ -279,8 +279,8 @@ def _final_train_state(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     built = trainer.setup(config, workdir)
-    tx, _ = step_lib.make_optimizer(config)
     method = methods.make_method(config.method, built.apply_fns, info=built.info, config=config)
+    tx, _ = step_lib.make_optimizer(config, transform=method.transform)
     init_fn = step_lib.make_init_fn(built.build_model, tx, method)
     abstract = checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
                                               SingleDeviceSharding(jax.devices()[0]))

@@ -1,15 +1,28 @@
-"""Training methods: the consistency divergence by hand, and a ModalImmune run end to end."""
+"""Training methods: the consistency divergence by hand, ModalImmune's pieces against exact
+references (the null embedding against the full zero-filled pass, the removal rule observed through
+the head), its trainer contract, and a ModalImmune run end to end."""
 
 import json
 import os
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+from data_pipelines import pipeline
 from experiments.configs import default
+from modalimmune_jax.curvature_mask import CurvatureMaskState
+from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.methods import Method, make_method
 from modalimmune_jax.methods.baselines import prediction_divergence
-from modalimmune_jax.training import trainer
+from modalimmune_jax.methods.modalimmune import ModalImmuneState, null_embeddings
+from modalimmune_jax.model import ApplyFns, create_model, make_apply_fns
+from modalimmune_jax.spectral import spectral_collapse
+from modalimmune_jax.training import step, trainer
 
 
 def test_prediction_divergence_by_hand():
@@ -69,7 +82,7 @@ def test_modalimmune_fast_variant(tmp_path):
     assert {"full", "missing_avg", "robustness"} <= set(results)
 
 
-def _toy(feature_std=None, dropout=0.0):
+def _toy_two_modalities(feature_std=None, dropout=0.0):
     """A 2-modality toy model and batch, and a config with its consistency and dropout settings."""
     import jax
     from flax import nnx
@@ -101,7 +114,7 @@ def test_consistency_perturbs_in_units_of_the_feature_std():
 
     zero = {"a": (0.0, 0.0, 0.0), "b": (0.0, 0.0)}
     for std, expect_zero in ((zero, True), ({"a": (1.0,) * 3, "b": (1.0,) * 2}, False)):
-        fns, params, batch, info, config = _toy(feature_std=std)
+        fns, params, batch, info, config = _toy_two_modalities(feature_std=std)
         loss_fn = make_consistency_loss(fns, info=info, config=config)
         for seed in range(3):  # whichever modality is picked
             _, meas = loss_fn(params, batch, jax.random.key(seed))
@@ -113,14 +126,148 @@ def test_erm_dropout_draws_from_the_step_key():
 
     from modalimmune_jax.methods.baselines import make_erm_loss, supervised_loss
 
-    fns, params, batch, info, config = _toy(dropout=0.5)
+    fns, params, batch, info, config = _toy_two_modalities(dropout=0.5)
     loss_fn = make_erm_loss(fns, info=info, config=config)
     a, _ = loss_fn(params, batch, jax.random.key(0))
     b, _ = loss_fn(params, batch, jax.random.key(1))
     again, _ = loss_fn(params, batch, jax.random.key(0))
     det, _ = supervised_loss(fns, params, batch, info=info, config=config)
     assert float(a) != float(b) and float(a) == float(again) and float(det) not in (a, b)
-    fns0, params0, _, info0, config0 = _toy(dropout=0.0)
+    fns0, params0, _, info0, config0 = _toy_two_modalities(dropout=0.0)
     no_drop = make_erm_loss(fns0, info=info0, config=config0)
     assert float(no_drop(params0, batch, jax.random.key(0))[0]) == float(
         no_drop(params0, batch, jax.random.key(1))[0])
+
+
+# ------------------------------------------------------------------ ModalImmune's pieces
+
+
+MODS = ("seq", "short", "vec")
+
+
+def _toy(encoder="mlp", batch_size=16, seed=0):
+    """A 3-modality toy model (two sequences of different lengths, one vector) and a batch."""
+    info = pipeline.DatasetInfo(
+        name="toy", modalities=MODS, feature_shapes={"seq": (6, 3), "short": (4, 2), "vec": (5,)},
+        task="classification", num_classes=3, metric_family="classification",
+        split_sizes={"train": batch_size, "valid": batch_size, "test": batch_size})
+    config = default.get_config("synthetic,tiny")
+    with config.unlocked():
+        config.model.encoder = encoder
+        config.model.d, config.model.d_h = 8, 12
+    model = create_model(info, config.model, rngs=nnx.Rngs(params=jax.random.key(seed)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(seed)
+    # Every length from 0 (clipped to 1 by the model) to beyond T, in no order.
+    lengths = np.stack([rng.integers(0, 8, batch_size), rng.integers(0, 5, batch_size),
+                        np.ones(batch_size, int)], axis=1)
+    batch = {"seq": rng.normal(size=(batch_size, 6, 3)),
+             "short": rng.normal(size=(batch_size, 4, 2)),
+             "vec": rng.normal(size=(batch_size, 5)), "lengths": lengths,
+             "mask": np.ones((batch_size, 3)), "label": rng.integers(0, 3, batch_size)}
+    batch = {k: jnp.asarray(v, jnp.int32 if k in ("lengths", "label") else jnp.float32)
+             for k, v in batch.items()}
+    return info, config, graphdef, params, batch
+
+
+@pytest.mark.parametrize("encoder,batch_size", [("mlp", 16), ("conv", 16), ("transformer", 16),
+                                                ("mlp", 4)])
+def test_null_embeddings_equal_the_full_zero_filled_pass(encoder, batch_size):
+    # One row per possible length (or, with B <= T, the whole batch) against the encoder on the
+    # whole zero-filled batch, with varied, zero and out-of-range lengths.
+    _, _, graphdef, params, batch = _toy(encoder, batch_size)
+    fns = make_apply_fns(graphdef)
+    full = jax.jit(fns.encode)(params, drop_modalities(batch, jnp.zeros(3), modalities=MODS,
+                                                       set_mask=False))
+    ours = jax.jit(lambda p, b: null_embeddings(fns.encode, p, b, modalities=MODS))(params, batch)
+    chex.assert_shape(ours, full.shape)
+    np.testing.assert_allclose(ours, full, atol=1e-6, rtol=1e-6)
+    # And its gradient (the null anchor trains the encoder's response to a missing input).
+    g_full = jax.grad(lambda p: jnp.sum(jnp.sin(fns.encode(p, drop_modalities(
+        batch, jnp.zeros(3), modalities=MODS, set_mask=False)))))(params)
+    g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(null_embeddings(fns.encode, p, batch,
+                                                                modalities=MODS))))(params)
+    chex.assert_trees_all_close(g_ours, g_full, atol=1e-5, rtol=1e-5)
+
+
+def _recording_fns(graphdef, records):
+    """ApplyFns whose `head` records the presence mask it is given (a seam for the tests)."""
+    fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+
+    def head(params, z, mask):
+        # Ordered: the clean branch's call comes first, then the collapsed branch's.
+        jax.debug.callback(lambda m: records.append(np.asarray(m)), mask, ordered=True)
+        return fns.head(params, z, mask)
+
+    return ApplyFns(encode=fns.encode, head=head, reconstruct=fns.reconstruct, apply=fns.apply)
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0, 0.5])
+def test_modalimmune_targets_follow_the_shared_removal_rule(collapse, mask_prob):
+    """config.removal.mask_prob decides the collapsed branch's mask, for both variants: 0 never
+    changes it, 1 flags every collapsed/removed target, 0.5 flags about half the hit examples."""
+    info, config, graphdef, params, batch = _toy(batch_size=64)
+    with config.unlocked():
+        config.removal.mask_prob = mask_prob
+        config.mi.update({"collapse": collapse, "controller": False, "curvature": False,
+                          "meta": False, "p_clean": 0.2})
+    records = []
+    method = make_method("modalimmune", _recording_fns(graphdef, records), info=info,
+                         config=config)
+    state = method.init(params)
+    grads = jax.jit(lambda p, s, b, k: method.grads(p, s, b, k, step=jnp.int32(1),
+                                                    meta_batch=b))
+    target_entries = flagged_entries = 0.0
+    for i in range(8):
+        records.clear()
+        _, _, meas, tx_args = jax.block_until_ready(grads(params, state, batch,
+                                                          jax.random.key(i)))
+        assert tx_args == {}
+        clean_mask, hit_mask = records  # the clean branch, then the collapsed one
+        np.testing.assert_array_equal(clean_mask, batch["mask"])
+        assert set(np.unique(hit_mask)) <= {0.0, 1.0}
+        removed = 1.0 - hit_mask  # [B, M]: 1 where a target was flagged absent
+        targets = float(meas["num_targets"]) * 64  # target entries drawn in this batch
+        assert targets > 0
+        if mask_prob == 0.0:
+            assert not removed.any()
+        if mask_prob == 1.0:
+            assert removed.sum() == round(targets)
+            for m, name in enumerate(MODS):  # and each modality as often as it was targeted
+                np.testing.assert_allclose(removed[:, m].mean(), meas[f"target_rate/{name}"])
+        target_entries += targets
+        flagged_entries += removed.sum()
+    if mask_prob == 0.5:
+        # One flag per example for all its targets (1 or 2): var <= 0.25 * 2 * entries.
+        sd = np.sqrt(0.25 * 2 * target_entries)
+        assert abs(flagged_entries - 0.5 * target_entries) < 5 * sd, (flagged_entries,
+                                                                      target_entries)
+
+
+def test_modalimmune_state_and_trainer_contract():
+    info, config, graphdef, params, batch = _toy()
+    method = make_method("modalimmune", make_apply_fns(graphdef, collapse_fn=spectral_collapse),
+                         info=info, config=config)
+    assert isinstance(method, Method)
+    assert isinstance(method.transform, optax.GradientTransformationExtraArgs)
+    state = method.init(params)
+    assert isinstance(state, ModalImmuneState)
+    assert state.last_ig.dtype == jnp.float32 and state.meta_skips.dtype == jnp.int32
+    assert state.effective_rank.dtype == jnp.float32 and state.curvature.count.dtype == jnp.int32
+    with config.unlocked():
+        config.method = "modalimmune"
+    tx, _ = step.make_optimizer(config, transform=method.transform)
+    opt_state = tx.init(params)
+    assert isinstance(optax.tree.get(opt_state, "curvature_count"), jax.Array)
+    assert optax.tree.get(opt_state, "scale") is not None
+    assert any(isinstance(s, CurvatureMaskState) for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, CurvatureMaskState)))
+    # A missing extra fails loudly, inside apply_if_finite too.
+    with pytest.raises(TypeError):
+        tx.update(params, opt_state, params)
+    assert make_method("erm", make_apply_fns(graphdef), info=info, config=config).transform is None
+    with config.unlocked():
+        config.mi.curvature = False
+    assert make_method("modalimmune", make_apply_fns(graphdef, collapse_fn=spectral_collapse),
+                       info=info, config=config).transform is None

@@ -407,8 +407,9 @@ def toy_meta_step():
     extra = method.init(params)
 
     def run(damping):
-        _, new_extra, meas = step_fn(params, extra, batch(jax.random.key(1)), jax.random.key(2),
-                                     batch(jax.random.key(3)), jnp.float32(damping))
+        _, new_extra, meas, _ = step_fn(params, extra, batch(jax.random.key(1)),
+                                        jax.random.key(2), batch(jax.random.key(3)),
+                                        jnp.float32(damping))
         return extra, new_extra, meas
 
     return run
@@ -419,11 +420,10 @@ def test_meta_update_with_an_invalid_certificate_is_skipped_and_counted(toy_meta
     # Neumann series diverges along that direction and the certificate says so.
     extra, new_extra, meas = toy_meta_step(0.0)
     assert float(meas["cert/lambda_min"]) < 0 and float(meas["cert/valid"]) == 0
-    assert int(new_extra["meta_skips"]) == int(extra["meta_skips"]) + 1 == int(meas["meta_skips"])
-    for k in extra["phi"]:
-        assert np.asarray(new_extra["phi"][k]).tobytes() == np.asarray(extra["phi"][k]).tobytes()
-    same = jax.tree.map(lambda a, b: np.array_equal(a, b), new_extra["meta_opt"],
-                        extra["meta_opt"])
+    assert int(new_extra.meta_skips) == int(extra.meta_skips) + 1 == int(meas["meta_skips"])
+    for old_phi, new_phi in zip(extra.phi, new_extra.phi, strict=True):
+        assert np.asarray(new_phi).tobytes() == np.asarray(old_phi).tobytes()
+    same = jax.tree.map(lambda a, b: np.array_equal(a, b), new_extra.meta_opt, extra.meta_opt)
     assert all(jax.tree.leaves(same))
 
 
@@ -431,7 +431,7 @@ def test_meta_update_with_a_valid_certificate_moves_phi(toy_meta_step):
     # A damping far above the toy Hessian's |lambda_min| makes H + mu I positive definite.
     extra, new_extra, meas = toy_meta_step(10.0)
     assert float(meas["cert/lambda_min"]) > 0 and float(meas["cert/valid"]) == 1
-    assert int(new_extra["meta_skips"]) == 0 == int(meas["meta_skips"])
-    moved = [float(jnp.abs(new_extra["phi"][k] - extra["phi"][k])) for k in extra["phi"]]
+    assert int(new_extra.meta_skips) == 0 == int(meas["meta_skips"])
+    moved = [float(jnp.abs(b - a)) for a, b in zip(extra.phi, new_extra.phi, strict=True)]
     # adam's first step moves every coordinate with a non-zero hypergradient by ~meta_lr.
     assert max(moved) > 1e-3, moved

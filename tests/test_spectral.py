@@ -174,17 +174,52 @@ def test_second_derivatives_match_finite_differences(x64, shape):
     chex.assert_trees_all_close(hvp, fd, rtol=1e-6, atol=1e-7)
 
 
-def test_gamma_zero_jacobian_is_exact_linear_map_even_when_degenerate(x64):
+@pytest.mark.parametrize("gamma", [0.0, np.float64(0.0), jnp.asarray(0.0)],
+                         ids=["static", "numpy", "array_svd_path"])
+def test_gamma_zero_jacobian_is_exact_linear_map_even_when_degenerate(x64, gamma):
     # gamma = 0: C(Z) = Z - strength (Z - mu) is linear, so the Jacobian is known in closed form,
-    # including at Z - mu = 0 (all rows equal), where every singular value is zero.
+    # including at Z - mu = 0 (all rows equal), where every singular value is zero. A static zero
+    # takes the closed form; a JAX array goes through the SVD and its guarded JVP.
     B, d, a = 5, 3, 0.4
     P = (1 - a) * np.eye(B) + a * np.ones((B, B)) / B  # acts on rows
     expected = np.einsum("ij,kl->ikjl", P, np.eye(d))  # [B, d, B, d]
     rng = np.random.default_rng(9)
     for jac in [jax.jacfwd, jax.jacrev]:
-        jac_fn = jax.jit(jac(lambda z: spectral_collapse(z, a, 0.0)))
+        jac_fn = jax.jit(jac(lambda z: spectral_collapse(z, a, gamma)))
         for Z in [rng.normal(size=(B, d)), np.ones((B, 1)) * rng.normal(size=(1, d))]:
             np.testing.assert_allclose(np.asarray(jac_fn(jnp.asarray(Z))), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (16, 40), (40, 16)])
+def test_static_gamma_zero_closed_form_matches_the_svd_path(shape):
+    # Issue 15: gamma = 0 skips the SVD. Values (float32, 1e-5), and in float64 gradients in Z
+    # and strength and an HVP (the meta-update's second derivatives), agree with the SVD path
+    # (gamma as an array). In float32 the SVD path's own round-off on a 63 x 64 centred batch
+    # is ~1e-5 absolute in the gradient, so the derivatives are compared in float64.
+    rng = np.random.default_rng(19)
+    Z, W, V = (rng.normal(size=shape) for _ in range(3))
+    closed = jax.jit(lambda z, s: spectral_collapse(z, s, 0.0))
+    svd = jax.jit(lambda z, s, g: spectral_collapse(z, s, g))
+    z32, a32 = jnp.asarray(Z, jnp.float32), jnp.float32(0.7)
+    np.testing.assert_allclose(closed(z32, a32), svd(z32, a32, jnp.float32(0.0)), atol=1e-5)
+    with jax.enable_x64(True):
+        Z, W, V, a = jnp.asarray(Z), jnp.asarray(W), jnp.asarray(V), jnp.float64(0.7)
+
+        def loss(z, s, gamma):
+            return jnp.sum(W * jnp.sin(spectral_collapse(z, s, gamma)))
+
+        zero = jnp.float64(0.0)
+        np.testing.assert_allclose(closed(Z, a), svd(Z, a, zero), atol=1e-12)
+        g_closed = jax.jit(jax.grad(lambda z, s: loss(z, s, 0.0), argnums=(0, 1)))(Z, a)
+        g_svd = jax.jit(jax.grad(loss, argnums=(0, 1)))(Z, a, zero)
+        chex.assert_trees_all_close(g_closed, g_svd, atol=1e-10, rtol=1e-10)
+        hvp = lambda f: jax.jit(lambda z, s: jax.jvp(jax.grad(f, argnums=(0, 1)), (z, s),
+                                                     (V, jnp.float64(0.3)))[1])
+        h_closed = hvp(lambda z, s: loss(z, s, 0.0))(Z, a)
+        h_svd = hvp(lambda z, s: loss(z, s, zero))(Z, a)
+        chex.assert_trees_all_close(h_closed, h_svd, atol=1e-10, rtol=1e-10)
+        # The closed form has no SVD anywhere in its program.
+        assert "svd" not in str(jax.make_jaxpr(jax.grad(lambda z: loss(z, a, 0.0)))(Z))
 
 
 def test_degenerate_inputs_give_finite_values_and_derivatives():

@@ -1,32 +1,40 @@
 """The ModalImmune training step (DESIGN.md §3.6): every component switchable under ``config.mi``.
 
-One call of ``grads`` does, inside one jitted step:
+One call of ``grads`` runs four named sub-steps inside one jitted step:
 
-1. **Controller** (§3.1): every ``ig_every`` steps (``lax.cond``) the signed leave-one-out gain
-   ``IG`` refreshes the EMA ``G``. Each example (``mi.per_example``; else the whole batch) is clean
-   with probability ``p_clean``, else loses ``k ~ Uniform{1..max_targets}`` targets drawn without
-   replacement from ``softmax(G / tau)`` (README "Formulation changes"). Off: a flat ``G``, i.e.
-   uniform targets.
-2. **Collapse** (§3.2): each target's embedding goes through ``spectral_collapse`` (a batch
-   statistic) with the meta strength, and replaces the embedding of the examples that drew it.
-   Our change, in DESIGN.md's spirit (README "Formulation changes"): the collapsed
-   embedding's centre also moves from the batch mean towards the *null embedding* (the encoder's
-   output for a zero-filled input) by the same strength, so a full collapse lands exactly where a
-   missing modality lands at test time; and with probability ``mask_prob`` the target is also
-   flagged absent in the presence mask, so the `mask` protocol is trained too. Off: the target is
-   zero-filled with mask 0 (a targeted ModDrop).
-3. **Loss**: ``L = L_task(clean) + w_col L_task(collapsed) + λ_c R + λ_r L_rec``, where the clean task
+1. **Controller** (§3.1, `controller_step`): every ``ig_every`` steps (``lax.cond``) the signed
+   leave-one-out gain ``IG`` refreshes the EMA ``G``. Each example (``mi.per_example``; else the
+   whole batch) is clean with probability ``p_clean``, else loses ``k ~ Uniform{1..max_targets}``
+   targets drawn without replacement from ``softmax(G / tau)`` (README "Formulation changes").
+   Off: a flat ``G``, i.e. uniform targets.
+2. **Collapse and objective** (§3.2, `removal`, `objective`): each target's embedding goes through
+   ``spectral_collapse`` (a batch statistic) with the meta strength, and replaces the embedding of
+   the examples that drew it. Our change, in DESIGN.md's spirit (README "Formulation changes"):
+   the collapsed embedding's centre also moves from the batch mean towards the *null embedding*
+   (the encoder's output for a zero-filled input) by the same strength, so a full collapse lands
+   exactly where a missing modality lands at test time. The presence mask of the collapsed branch
+   follows the shared removal rule (`interventions.training_mask`, ``config.removal.mask_prob``).
+   Off: the target is removed by `interventions.remove_for_training` (a targeted ModDrop).
+   The loss is ``L = L_task(clean) + w_col L_task(collapsed) + λ_c R + λ_r L_rec``: the clean task
    term keeps full-modality accuracy, ``R`` is the collapse regularizer between the clean and the
    collapsed joint representation (clean side stop-gradient), and ``L_rec`` reconstructs every
    modality from the collapsed ``h``. The *destructive* part is ``w_col L_task(collapsed) + λ_c R``.
-4. **Curvature mask** (§3.3): both gradients come from one vjp with two cotangents; the Hessian
-   diagonal of the clean task loss (Hutchinson, refreshed every ``curv_every`` steps into an EMA)
-   damps the destructive gradient where curvature is high.
-5. **Meta-parameters** (§3.4): every ``meta_every`` steps the certified Neumann hypergradient of the
-   robust validation loss (the mean task loss over every missing-modality pattern of a held-out
-   batch) updates ``φ = (logit strength, log λ_c, log λ_r)`` with its own adam; a step whose
-   certificate is invalid is skipped and counted.
+3. **Curvature** (§3.3, `curvature_step`): both gradients come from one vjp with two cotangents;
+   the Hessian diagonal of the clean task loss (Hutchinson, refreshed every ``curv_every`` steps
+   into an EMA) goes with the destructive gradient to the method's ``transform``,
+   `curvature_mask.curvature_mask`, first in the trainer's optimizer chain (``tx_args``).
+4. **Meta-parameters** (§3.4, `meta_step`): every ``meta_every`` steps the certified Neumann
+   hypergradient of the robust validation loss (the mean task loss over every missing-modality
+   pattern of a held-out batch) updates ``φ = (logit strength, log λ_c, log λ_r)`` with its own
+   adam; a step whose certificate is invalid is skipped and counted.
+
+Cost (issue 15): at the default ``gamma = 0`` the collapse is its closed form (no SVD); the null
+embedding is computed once per possible sequence length, not per example; the effective-rank
+diagnostic runs only on logged steps; with the curvature mask off there is one cotangent.
 """
+
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +43,104 @@ import optax
 
 from modalimmune_jax import controller as ctrl_lib
 from modalimmune_jax import curvature, hypergrad, losses, robustness, spectral
-from modalimmune_jax.interventions import drop_modalities
-from modalimmune_jax.methods import Method
+from modalimmune_jax.curvature_mask import curvature_mask, split_gradients_joint
+from modalimmune_jax.interventions import drop_modalities, remove_for_training, training_mask
+from modalimmune_jax.methods.base import Method
 from modalimmune_jax.model import collapse_target
 
-CERT_KEYS = ("valid", "bound", "residual_norm", "lambda_min", "lambda_max", "num_terms_used",
-             "damping")
+
+class MetaParams(NamedTuple):
+    """φ, the continuous meta-parameters (DESIGN.md §3.4), each ``[] float32``."""
+
+    logit_strength: jax.Array
+    log_reg_weight: jax.Array
+    log_rec_weight: jax.Array
 
 
-def _cert_zeros():
-    return {k: jnp.zeros([], jnp.float32) for k in CERT_KEYS}
+class Certificate(NamedTuple):
+    """The last meta-update's certificate (`hypergrad.neumann_inverse_hvp`), ``[] float32`` each."""
+
+    valid: jax.Array
+    bound: jax.Array
+    residual_norm: jax.Array
+    lambda_min: jax.Array
+    lambda_max: jax.Array
+    num_terms_used: jax.Array
+    damping: jax.Array
+
+
+class ModalImmuneState(NamedTuple):
+    """The method's state between steps (the trainer's ``train_state["extra"]``).
+
+    ``controller`` the IG EMA; ``last_ig`` ``[M] float32`` the last measured IG; ``curvature``
+    the Hessian-diagonal EMA (params-shaped ``diag``); ``phi`` and ``meta_opt`` the
+    meta-parameters and their adam state; ``cert`` the last certificate; ``meta_skips`` ``[]
+    int32`` meta-updates skipped for an invalid certificate; ``effective_rank`` ``[] float32``
+    the most-hit target embedding's effective rank at the last logged step.
+    """
+
+    controller: ctrl_lib.ControllerState
+    last_ig: jax.Array
+    curvature: curvature.CurvatureEMA
+    phi: MetaParams
+    meta_opt: optax.OptState
+    cert: Certificate
+    meta_skips: jax.Array
+    effective_rank: jax.Array
+
+
+class Removal(NamedTuple):
+    """This step's removal: ``target`` ``[B, M] float32`` multi-hot (all-zero rows are clean),
+    ``mask`` ``[B, M] float32`` the presence mask of the collapsed branch, and ``batch`` the
+    zero-filled batch for the zero-fill variant (``mi.collapse=False``; else None)."""
+
+    target: jax.Array
+    mask: jax.Array
+    batch: Mapping[str, jax.Array] | None
+
+
+def null_embeddings(encode, params, batch, *, modalities) -> jax.Array:
+    """The encoder's output for an all-zero input with each example's lengths: ``[B, M, d]``.
+
+    The encoder is row-wise and reads an example's features and ``lengths`` only, so a zero
+    input's embedding depends on its lengths alone, clipped to ``[1, T_m]`` as the model's time
+    mask clips them. With ``T = max_m T_m < B`` the zero input is encoded once per length
+    (``T`` rows, row ``j`` of length ``min(j + 1, T_m)``) and each example gathers its row; else
+    the whole zero-filled batch is encoded. Equal to the full pass (tests/test_methods.py).
+
+    Args:
+      encode: ``(params, batch) -> [B, M, d]`` (`model.ApplyFns.encode`).
+      params: the model's params pytree.
+      batch: dict with one array per modality (``[B, T_m, D_m]`` or ``[B, D_m]``), ``lengths``
+        ``[B, M] int32`` and any other keys.
+      modalities: the M modality names, in the column order of ``lengths``.
+
+    Returns:
+      ``[B, M, d]``, the dtype of ``encode``'s output.
+    """
+    num_m = len(modalities)
+    batch_size = batch["lengths"].shape[0]
+    steps = np.array([batch[m].shape[1] if batch[m].ndim == 3 else 1 for m in modalities])
+    num_rows = int(steps.max())
+    if num_rows >= batch_size:
+        return encode(params, drop_modalities(batch, jnp.zeros(num_m), modalities=modalities,
+                                              set_mask=False))
+    table_batch = {k: v[:num_rows] for k, v in batch.items()}
+    for m in modalities:
+        table_batch[m] = jnp.zeros_like(table_batch[m])
+    rows = np.minimum(np.arange(1, num_rows + 1)[:, None], steps[None, :])  # [T, M]
+    table_batch["lengths"] = jnp.asarray(rows, batch["lengths"].dtype)
+    table = encode(params, table_batch)  # [T, M, d]
+    index = jnp.clip(batch["lengths"], 1, jnp.asarray(steps)) - 1  # [B, M]
+    return table[index, jnp.arange(num_m)[None, :]]
+
+
+def make_transform(config) -> optax.GradientTransformationExtraArgs | None:
+    """The transform ModalImmune puts first in the trainer's chain: the curvature mask, or None."""
+    mi = config.mi
+    if not mi.curvature:
+        return None
+    return curvature_mask(quantile=mi.quantile, mode=mi.mask_mode, beta=mi.mask_beta)
 
 
 def make_modalimmune(apply_fns, *, info, config) -> Method:
@@ -52,7 +148,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     mi = config.mi
     mods = info.modalities
     num_m = len(mods)
-    mask_tx = curvature.curvature_mask(quantile=mi.quantile, mode=mi.mask_mode, beta=mi.mask_beta)
+    mask_prob = config.removal.mask_prob
+    rec_variances = losses.reconstruction_variances(info)
     meta_tx = optax.adam(mi.meta_lr)
     # Collapsing every modality at once leaves nothing to learn from: at most M - 1 targets.
     max_targets = max(1, min(mi.max_targets, num_m - 1))
@@ -60,10 +157,12 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     patterns = jnp.asarray(np.stack([np.ones(num_m, np.float32)] + [
         keep for _, keep in robustness.missing_conditions(mods)]))
 
-    def per_example_task(params, batch):
-        out = apply_fns.apply(params, batch)
-        return losses.task_loss(out["preds"], batch["label"], task=info.task,
+    def task_losses(preds, batch):
+        return losses.task_loss(preds, batch["label"], task=info.task,
                                 regression_loss=config.loss.regression)
+
+    def per_example_task(params, batch):
+        return task_losses(apply_fns.apply(params, batch)["preds"], batch)
 
     def clean_task(params, batch):
         return jnp.mean(per_example_task(params, batch))
@@ -74,71 +173,15 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                                                       set_mask=False))
         return jnp.mean(jax.vmap(one)(patterns))
 
-    def objective(params, batch, phi, target, flag_absent):
-        """``((total, destructive), aux)`` for one batch (module docstring, item 3).
-
-        ``target`` is ``[B, M]`` float multi-hot (the rows are equal unless ``mi.per_example``),
-        ``flag_absent`` ``[B]`` float: 1 where the targets are also marked absent in the mask.
-        """
-        strength = jax.nn.sigmoid(phi["logit_strength"])
-        z = apply_fns.encode(params, batch)  # [B, M, d]
-        mask = batch["mask"]
-        h_clean, preds_clean = apply_fns.head(params, z, mask)
-        if mi.collapse:
-            z_null = None
-            if mi.anchor == "null":
-                z_null = apply_fns.encode(params, drop_modalities(
-                    batch, jnp.zeros(num_m), modalities=mods, set_mask=False))
-            z_hit = collapse_target(z, target, strength, mi.gamma,
-                                    collapse_fn=spectral.spectral_collapse, null=z_null)
-        else:
-            zero_batch = drop_modalities(batch, 1.0 - target, modalities=mods, set_mask=False)
-            z_hit = apply_fns.encode(params, zero_batch)
-        mask_hit = mask * (1.0 - flag_absent[:, None] * target)
-        h_col, preds_col = apply_fns.head(params, z_hit, mask_hit)
-        task_clean = jnp.mean(losses.task_loss(preds_clean, batch["label"], task=info.task,
-                                               regression_loss=config.loss.regression))
-        # The collapsed task loss averages over the examples that lost something (the others
-        # would only repeat the clean term).
-        hit = jnp.max(target, axis=1)  # [B]
-        task_col = jnp.sum(hit * losses.task_loss(preds_col, batch["label"], task=info.task,
-                                                  regression_loss=config.loss.regression))
-        task_col = task_col / jnp.maximum(jnp.sum(hit), 1.0)
-        reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
-               if mi.regularizer else jnp.zeros([]))
-        rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
-                                                  losses.pooled_features(batch, mods),
-                                                  variances=losses.reconstruction_variances(info)))
-        lam_c, lam_r = jnp.exp(phi["log_reg_weight"]), jnp.exp(phi["log_rec_weight"])
-        # 0 on an all-clean batch: the collapsed branch then equals the clean one.
-        destructive = jnp.max(hit) * (mi.collapse_weight * task_col + lam_c * reg)
-        total = task_clean + destructive + lam_r * rec
-        most_hit = jnp.argmax(jnp.sum(target, axis=0))
-        aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
-               "rec_loss": rec, "strength": strength,
-               "effective_rank_target": spectral.effective_rank(z[:, most_hit])}
-        return (total, destructive), aux
-
-    def init(params):
-        phi = {"logit_strength": jnp.asarray(np.log(mi.strength / (1 - mi.strength)), jnp.float32),
-               "log_reg_weight": jnp.log(jnp.float32(mi.reg_weight)),
-               "log_rec_weight": jnp.log(jnp.float32(config.loss.reconstruction))}
-        return {"controller": ctrl_lib.init_controller(num_m),
-                "last_ig": jnp.zeros([num_m], jnp.float32),
-                "curvature": curvature.init_curvature_ema(params),
-                "mask_state": mask_tx.init(params),
-                "phi": phi, "meta_opt": meta_tx.init(phi),
-                "cert": _cert_zeros(), "meta_skips": jnp.zeros([], jnp.int32)}
-
-    def grads(params, extra, batch, rng, *, step, meta_batch):
-        k_target, k_absent, k_curv, k_meta, k_ig = jax.random.split(rng, 5)
-        controller, last_ig = extra["controller"], extra["last_ig"]
-
-        # 1. Controller: amortized IG refresh, then the target.
+    # 1. Controller.
+    def controller_step(state, params, batch, key, step):
+        """``(controller, last_ig, target [B, M])``: the amortized IG refresh, then the draw."""
+        k_ig, k_draw = jax.random.fold_in(key, 1), key
+        controller, last_ig = state.controller, state.last_ig
         if mi.controller:
             def refresh(c):
                 ig = ctrl_lib.information_gain(per_example_task, params, batch, modalities=mods,
-                                               key=k_ig, mask_prob=config.removal.mask_prob)
+                                               key=k_ig, mask_prob=mask_prob)
                 return ctrl_lib.update_controller(c, ig, beta=mi.ema_beta), ig
             controller, last_ig = jax.lax.cond(step % mi.ig_every == 0, refresh,
                                                lambda c: (c, last_ig), controller)
@@ -150,71 +193,148 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         if mi.per_example:
             # Each example gets its own targets from the same policy: the collapse operator is a
             # batch statistic, but which rows it replaces varies, as ModDrop's patterns do.
-            target = jax.vmap(draw)(jax.random.split(k_target, batch_size))
-            flag_absent = jax.random.bernoulli(k_absent, config.removal.mask_prob, (batch_size,))
+            target = jax.vmap(draw)(jax.random.split(k_draw, batch_size))
         else:
-            target = jnp.broadcast_to(draw(k_target), (batch_size, num_m))
-            flag_absent = jnp.broadcast_to(jax.random.bernoulli(k_absent, config.removal.mask_prob),
-                                           (batch_size,))
-        flag_absent = flag_absent.astype(jnp.float32)
+            target = jnp.broadcast_to(draw(k_draw), (batch_size, num_m))
+        return controller, last_ig, target
 
-        # 2-3. Both gradients from one vjp.
-        total, destructive, g_total, g_destr, aux = curvature.split_gradients_joint(
-            lambda p: objective(p, batch, extra["phi"], target, flag_absent), params,
-            has_aux=True)
+    # 2. Collapse and objective.
+    def removal(batch, target, key) -> Removal:
+        """The shared removal rule (DESIGN.md §2) applied to this step's targets."""
+        if mi.collapse:
+            return Removal(target, training_mask(batch["mask"], 1.0 - target, key=key,
+                                                 mask_prob=mask_prob), None)
+        removed = remove_for_training(batch, 1.0 - target, key=key, mask_prob=mask_prob,
+                                      modalities=mods)
+        return Removal(target, removed["mask"], removed)
 
-        # 4. Curvature mask on the destructive part.
-        curv = extra["curvature"]
+    def objective(params, batch, phi, hit: Removal, key):
+        """``((total, destructive), aux)`` for one batch (module docstring, item 2).
+
+        ``key``: the model's dropout (a fixed key makes the objective a deterministic function
+        of the params, as the meta-update's HVPs need).
+        """
+        k_enc, k_clean, k_col = jax.random.split(key, 3)
+        strength = jax.nn.sigmoid(phi.logit_strength)
+        z = apply_fns.encode(params, batch, rng=k_enc)  # [B, M, d]
+        h_clean, preds_clean = apply_fns.head(params, z, batch["mask"], rng=k_clean)
+        if mi.collapse:
+            z_null = (null_embeddings(apply_fns.encode, params, batch, modalities=mods)
+                      if mi.anchor == "null" else None)
+            z_hit = collapse_target(z, hit.target, strength, mi.gamma,
+                                    collapse_fn=spectral.spectral_collapse, null=z_null)
+        else:
+            z_hit = apply_fns.encode(params, hit.batch, rng=k_enc)
+        h_col, preds_col = apply_fns.head(params, z_hit, hit.mask, rng=k_col)
+        task_clean = jnp.mean(task_losses(preds_clean, batch))
+        # The collapsed task loss averages over the examples that lost something (the others
+        # would only repeat the clean term).
+        hit_rows = jnp.max(hit.target, axis=1)  # [B]
+        task_col = jnp.sum(hit_rows * task_losses(preds_col, batch))
+        task_col = task_col / jnp.maximum(jnp.sum(hit_rows), 1.0)
+        reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
+               if mi.regularizer else jnp.zeros([]))
+        rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
+                                                  losses.pooled_features(batch, mods),
+                                                  variances=rec_variances))
+        lam_c, lam_r = jnp.exp(phi.log_reg_weight), jnp.exp(phi.log_rec_weight)
+        # 0 on an all-clean batch: the collapsed branch then equals the clean one.
+        destructive = jnp.max(hit_rows) * (mi.collapse_weight * task_col + lam_c * reg)
+        total = task_clean + destructive + lam_r * rec
+        aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
+               "rec_loss": rec, "strength": strength}
+        return (total, destructive), (aux, z)
+
+    # 3. Curvature.
+    def curvature_step(ema, params, batch, key, step):
+        """The Hessian-diagonal EMA, refreshed by Hutchinson every ``curv_every`` steps."""
+        def refresh(e):
+            diag = curvature.hutchinson_diagonal(lambda p: clean_task(p, batch), params, key,
+                                                 mi.curv_probes)
+            return curvature.update_curvature_ema(e, diag, decay=mi.curv_decay)
+        return jax.lax.cond(step % mi.curv_every == 0, refresh, lambda e: e, ema)
+
+    # 4. Meta-parameters.
+    def meta_step(state, params, batch, meta_batch, hit, key, k_dropout, step):
+        """``(phi, meta_opt, cert, meta_skips)`` after the certified meta-update, if it is due."""
+        def update(args):
+            phi, meta_opt, _, skips = args
+            hg, c = hypergrad.implicit_hypergradient(
+                lambda p, f: objective(p, batch, f, hit, k_dropout)[0][0],
+                lambda p: robust_val_loss(p, meta_batch), params, phi,
+                num_terms=mi.neumann_terms, damping=mi.damping, key=key,
+                power_iters=mi.power_iters, floor_curvature=mi.floor_curvature)
+            ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                                                 for x in jax.tree.leaves(hg)]))
+            upd, new_opt = meta_tx.update(hg, meta_opt, phi)
+            new_phi = optax.apply_updates(phi, upd)
+            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
+            cert = Certificate(**{k: jnp.asarray(c[k], jnp.float32) for k in Certificate._fields})
+            return (pick(new_phi, phi), pick(new_opt, meta_opt), cert,
+                    skips + (1 - ok.astype(jnp.int32)))
+        args = (state.phi, state.meta_opt, state.cert, state.meta_skips)
+        if not mi.meta:
+            return args
+        return jax.lax.cond((step % mi.meta_every == 0) & (step > 0), update, lambda a: a, args)
+
+    def diagnostics_step(state, z, target, step):
+        """The most-hit target's effective rank, on logged steps only (an SVD of ``[B, d]``)."""
+        done = step + 1
+        logged = (done % config.log_every == 0) | (done == config.num_steps)
+        most_hit = jnp.argmax(jnp.sum(target, axis=0))
+        return jax.lax.cond(logged, lambda: spectral.effective_rank(z[:, most_hit]),
+                            lambda: state.effective_rank)
+
+    def init(params) -> ModalImmuneState:
+        phi = MetaParams(
+            logit_strength=jnp.asarray(np.log(mi.strength / (1 - mi.strength)), jnp.float32),
+            log_reg_weight=jnp.log(jnp.float32(mi.reg_weight)),
+            log_rec_weight=jnp.log(jnp.float32(config.loss.reconstruction)))
+        zero = jnp.zeros([], jnp.float32)
+        return ModalImmuneState(
+            controller=ctrl_lib.init_controller(num_m), last_ig=jnp.zeros([num_m], jnp.float32),
+            curvature=curvature.init_curvature_ema(params), phi=phi, meta_opt=meta_tx.init(phi),
+            cert=Certificate(*[zero] * len(Certificate._fields)),
+            meta_skips=jnp.zeros([], jnp.int32), effective_rank=zero)
+
+    def grads(params, state: ModalImmuneState, batch, rng, *, step, meta_batch):
+        k_target, k_absent, k_curv, k_meta = jax.random.split(rng, 4)
+        k_dropout = jax.random.fold_in(rng, 5)
+        controller, last_ig, target = controller_step(state, params, batch, k_target, step)
+        hit = removal(batch, target, k_absent)
+        loss_fn = lambda p: objective(p, batch, state.phi, hit, k_dropout)
+        tx_args = {}
+        curv = state.curvature
         if mi.curvature:
-            curv = jax.lax.cond(
-                step % mi.curv_every == 0,
-                lambda e: curvature.update_curvature_ema(
-                    e, curvature.hutchinson_diagonal(lambda p: clean_task(p, batch), params,
-                                                     k_curv, mi.curv_probes),
-                    decay=mi.curv_decay),
-                lambda e: e, curv)
-            g, mask_state = mask_tx.update(g_total, extra["mask_state"], params,
-                                           curvature=curv.diag, destructive=g_destr)
+            total, destructive, g, g_destr, (aux, z) = split_gradients_joint(loss_fn, params,
+                                                                             has_aux=True)
+            curv = curvature_step(curv, params, batch, k_curv, step)
+            tx_args = {"curvature": curv, "destructive": g_destr}
         else:
-            g, mask_state = g_total, extra["mask_state"]
-
-        # 5. Certified meta-update of φ.
-        phi, meta_opt, cert, meta_skips = (extra["phi"], extra["meta_opt"], extra["cert"],
-                                           extra["meta_skips"])
-        if mi.meta:
-            def meta_update(args):
-                phi, meta_opt, _, skips = args
-                hg, c = hypergrad.implicit_hypergradient(
-                    lambda p, f: objective(p, batch, f, target, flag_absent)[0][0],
-                    lambda p: robust_val_loss(p, meta_batch), params, phi,
-                    num_terms=mi.neumann_terms, damping=mi.damping, key=k_meta,
-                    power_iters=mi.power_iters, floor_curvature=mi.floor_curvature)
-                ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                                                     for x in jax.tree.leaves(hg)]))
-                upd, new_opt = meta_tx.update(hg, meta_opt, phi)
-                new_phi = optax.apply_updates(phi, upd)
-                pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-                summary = {k: jnp.asarray(c[k], jnp.float32) for k in CERT_KEYS}
-                return (pick(new_phi, phi), pick(new_opt, meta_opt), summary,
-                        skips + (1 - ok.astype(jnp.int32)))
-            phi, meta_opt, cert, meta_skips = jax.lax.cond(
-                (step % mi.meta_every == 0) & (step > 0), meta_update, lambda a: a,
-                (phi, meta_opt, cert, meta_skips))
-
-        new_extra = {"controller": controller, "last_ig": last_ig, "curvature": curv,
-                     "mask_state": mask_state, "phi": phi, "meta_opt": meta_opt, "cert": cert,
-                     "meta_skips": meta_skips}
+            # Nothing reads the destructive gradient: one cotangent, not two.
+            def total_fn(p):
+                (total, destructive), aux = loss_fn(p)
+                return total, (destructive, aux)
+            (total, (destructive, (aux, z))), g = jax.value_and_grad(total_fn, has_aux=True)(
+                params)
+        phi, meta_opt, cert, meta_skips = meta_step(state, params, batch, meta_batch, hit,
+                                                    k_meta, k_dropout, step)
+        new_state = ModalImmuneState(
+            controller=controller, last_ig=last_ig, curvature=curv, phi=phi, meta_opt=meta_opt,
+            cert=cert, meta_skips=meta_skips,
+            effective_rank=diagnostics_step(state, z, target, step))
         meas = {**aux, "loss": total, "destructive_loss": destructive,
+                "effective_rank_target": new_state.effective_rank,
                 # How often each modality was collapsed in this batch, and how many per example.
                 **{f"target_rate/{m}": jnp.mean(target[:, i]) for i, m in enumerate(mods)},
                 "num_targets": jnp.mean(jnp.sum(target, axis=1)),
-                "mask_fraction": getattr(mask_state, "fraction_masked", jnp.zeros([])),
                 "meta_skips": meta_skips,
-                "reg_weight": jnp.exp(phi["log_reg_weight"]),
-                "rec_weight": jnp.exp(phi["log_rec_weight"]),
+                "reg_weight": jnp.exp(phi.log_reg_weight),
+                "rec_weight": jnp.exp(phi.log_rec_weight),
                 **{f"ig/{m}": last_ig[i] for i, m in enumerate(mods)},
                 **{f"gain_ema/{m}": controller.gain_ema[i] for i, m in enumerate(mods)},
-                **{f"cert/{k}": v for k, v in cert.items()}}
-        return g, new_extra, meas
+                **{f"cert/{k}": v for k, v in cert._asdict().items()}}
+        return g, new_state, meas, tx_args
 
-    return Method(init=init, grads=grads)
+    return Method(init=init, grads=grads, transform=make_transform(config))
+

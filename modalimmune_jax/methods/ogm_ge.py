@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from modalimmune_jax import losses
 from modalimmune_jax.interventions import remove_for_training
-from modalimmune_jax.methods import Method
+from modalimmune_jax.methods.base import Method
 from modalimmune_jax.methods.baselines import supervised_loss
 
 # The official code's guards: in the ratio's denominator (BalanceBenchmark's "prevent OOM") and
@@ -211,6 +211,6 @@ def make_ogm_ge(apply_fns, *, info, config) -> Method:
                 **{f"ogm/score/{m}": scores[i] / num_examples for i, m in enumerate(mods)},
                 **{f"ogm/ratio/{m}": ratio[i] for i, m in enumerate(mods)},
                 **{f"ogm/coeff/{m}": coeff[i] for i, m in enumerate(mods)}}
-        return g, extra, meas
+        return g, extra, meas, {}
 
     return Method(init=lambda params: {}, grads=grads)

@@ -55,6 +55,7 @@ from flax import nnx
 
 from modalimmune_jax import losses
 from modalimmune_jax.interventions import gate_modalities, remove_for_training
+from modalimmune_jax.methods.base import Method
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import ApplyFns, time_mask
 
@@ -490,8 +491,6 @@ def as_method(loss_fn, *, grad_fn=None):
     e.g. MANU's `prune_rows`, which keeps pruned neurons at exactly zero (with their gradient
     zero and their value zero, neither adam nor the weight decay moves them).
     """
-    from modalimmune_jax.methods import Method  # noqa: PLC0415 -- methods imports baselines only
-
     def init(params):
         return UnlearningState(frozen=params)
 
@@ -501,6 +500,6 @@ def as_method(loss_fn, *, grad_fn=None):
                                                                     rng)
         if grad_fn is not None:
             g = grad_fn(g)
-        return g, state, {**meas, "loss": loss}
+        return g, state, {**meas, "loss": loss}, {}
 
     return Method(init=init, grads=grads)

@@ -97,8 +97,8 @@ class _Bench:
     def step_fn(self, method_name):
         """``(jitted donated step, initial train_state)`` for `method_name`."""
         config = self.method_config(method_name)
-        tx, _ = step_lib.make_optimizer(config)
         method = methods.make_method(method_name, self.apply_fns, info=self.info, config=config)
+        tx, _ = step_lib.make_optimizer(config, transform=method.transform)
         init_fn = step_lib.make_init_fn(self.build_model, tx, method)
         state = jax.jit(init_fn, out_shardings=self.replicated)(jax.random.key(config.seed))
         data = mesh_lib.data_sharding(self.mesh)

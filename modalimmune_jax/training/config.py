@@ -155,7 +155,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
     if not isinstance(config.ogm_ge.noise, bool):
         raise ConfigError(f"config.ogm_ge.noise must be True or False, got "
                           f"{config.ogm_ge.noise!r}")
-    if config.mi.quantile is not None:  # None damps every entry (curvature.curvature_mask)
+    if config.mi.quantile is not None:  # None damps every entry (curvature_mask.curvature_mask)
         _in_range(config, "mi.quantile", 0, 1)
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",
                  "mi.power_iters"):

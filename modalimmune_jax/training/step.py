@@ -17,11 +17,14 @@ from flax import nnx
 _NEVER = 2**30
 
 
-def make_optimizer(config: ml_collections.ConfigDict):
-    """``(tx, schedule)``: adamw with warmup-cosine, global-norm clipping, non-finite skips.
+def make_optimizer(config: ml_collections.ConfigDict, *, transform=None):
+    """``(tx, schedule)``: the method's transform, clipping, adamw with warmup-cosine.
 
-    A run no longer than its warmup warms up for all but its last step: optax's cosine part needs
-    at least one decay step (``num_steps <= warmup_steps`` raised a ValueError before).
+    ``apply_if_finite(chain(transform, clip_by_global_norm, adamw))``, where ``transform`` is the
+    method's (`methods.Method.transform`: ModalImmune's curvature mask, called with the
+    ``tx_args`` its ``grads`` returns; None for the baselines), so a skipped update leaves its
+    state too. A run no longer than its warmup warms up for all but its last step: optax's cosine
+    part needs at least one decay step (``num_steps <= warmup_steps`` raised a ValueError before).
     """
     opt = config.optimizer
     warmup_steps = max(0, min(opt.warmup_steps, config.num_steps - 1))
@@ -29,6 +32,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
         init_value=0.0, peak_value=opt.lr, warmup_steps=warmup_steps,
         decay_steps=config.num_steps, end_value=opt.lr * opt.end_lr_factor)
     tx = optax.chain(
+        *([] if transform is None else [transform]),
         optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, weight_decay=opt.weight_decay))
     return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER), schedule
@@ -44,16 +48,23 @@ def make_train_step(method, tx, schedule=None):
     ``rng_loop`` is an argument, not a closure constant, so that every seed shares one compiled
     program (and one persistent-cache entry); each step's key is ``fold_in(rng_loop, step)``, so a
     resumed run draws exactly what an uninterrupted one would. ``schedule`` (step -> lr) only adds
-    ``lr`` to the measurements.
+    ``lr`` to the measurements. The method's ``tx_args`` go to ``tx.update`` as keyword extras; a
+    non-finite extra skips the update as a non-finite gradient does (`optax.apply_if_finite`
+    checks the gradient only). The curvature mask's share of damped entries, kept in the
+    optimizer state, is logged as ``mask_fraction``.
     """
 
     def train_step(train_state, batch, meta_batch, rng_loop):
         step = train_state["step"]
         rng_step = jax.random.fold_in(rng_loop, step)
         params = train_state["params"]
-        grads, extra, meas = method.grads(params, train_state["extra"], batch, rng_step,
-                                          step=step, meta_batch=meta_batch)
-        updates, opt_state = tx.update(grads, train_state["opt_state"], params)
+        grads, extra, meas, tx_args = method.grads(params, train_state["extra"], batch,
+                                                   rng_step, step=step, meta_batch=meta_batch)
+        if tx_args:
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                        for x in jax.tree.leaves(tx_args)]))
+            grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = tx.update(grads, train_state["opt_state"], params, **tx_args)
         new_params = optax.apply_updates(params, updates)
         # A skipped update skips the method's state too: one NaN batch must not leave a NaN
         # gain EMA or curvature EMA behind for the rest of the run (README "Reliability").
@@ -64,6 +75,9 @@ def make_train_step(method, tx, schedule=None):
             skipped=1 - opt_state.last_finite.astype(jnp.int32),
             consecutive_skips=opt_state.notfinite_count,
             total_skips=opt_state.total_notfinite)
+        mask_fraction = optax.tree.get(opt_state, "fraction_masked", None)
+        if mask_fraction is not None:
+            meas["mask_fraction"] = mask_fraction
         if schedule is not None:
             meas["lr"] = schedule(step)
         return {"step": step + 1, "params": new_params, "opt_state": opt_state,

@@ -243,8 +243,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     rng = jax.random.key(config.seed)
     rng_init, rng_loop = jax.random.split(rng)
     del rng
-    tx, schedule = make_optimizer(config)
     method = _method(config, built, hooks)
+    tx, schedule = make_optimizer(config, transform=method.transform)
     init_fn = make_init_fn(built.build_model, tx, method)
     abstract_state = jax.eval_shape(init_fn, rng_init, hooks.init_params)
 
@@ -389,8 +389,9 @@ def load_trained(workdir: str, hooks: Hooks = NO_HOOKS) -> Trained:
     mesh = mesh_lib.make_mesh()
     replicated = mesh_lib.replicated(mesh)
     built = setup(config, workdir, hooks)
-    tx, _ = make_optimizer(config)
-    init_fn = make_init_fn(built.build_model, tx, _method(config, built, hooks))
+    method = _method(config, built, hooks)
+    tx, _ = make_optimizer(config, transform=method.transform)
+    init_fn = make_init_fn(built.build_model, tx, method)
     abstract = checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
                                               replicated)
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)

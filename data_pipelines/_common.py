@@ -140,6 +140,13 @@ def numeric_array(
     return x
 
 
+def check_has_features(x: np.ndarray, *, file: str, split: str, key: str) -> None:
+    """Raises for a modality with no feature (``D == 0``): nothing for an encoder to read."""
+    if x.shape[-1] == 0:
+        raise input_error(file, split, key, f"0 features: shape {x.shape}; a modality needs at "
+                                            "least one feature (leave it out instead)")
+
+
 def check_finite(x: np.ndarray, *, file: str, split: str, key: str) -> None:
     """Raises on NaN or inf, saying how many and where the first one is."""
     bad = ~np.isfinite(x)

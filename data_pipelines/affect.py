@@ -38,6 +38,7 @@ from data_pipelines._common import (
     SPLITS,
     SourceData,
     check_finite,
+    check_has_features,
     check_num_examples,
     check_same_dims,
     file_fingerprint,
@@ -194,6 +195,7 @@ def _features(
     out = {}
     for m in MODALITIES:
         x = numeric_array(d[m], ranks=(3,), file=file, split=split, key=m).astype(np.float32)
+        check_has_features(x, file=file, split=split, key=m)
         out[m] = x
     neg_inf = np.isneginf(out["audio"])
     out["audio"][neg_inf] = 0.0  # MMSA / MulT: audio[audio == -np.inf] = 0

@@ -25,6 +25,7 @@ from data_pipelines._common import (
     SPLITS,
     SourceData,
     check_finite,
+    check_has_features,
     check_modality_name,
     check_num_examples,
     check_same_dims,
@@ -112,6 +113,8 @@ def load(dataset_cfg) -> SourceData:
     raw = {split: _read_npz(files[split], split) for split in SPLITS}
     if "modalities" in meta:
         modalities = tuple(meta["modalities"])
+        if not modalities:
+            raise input_error(meta_path, None, "modalities", "empty list: name at least one")
     else:
         modalities = tuple(sorted(k for k in raw["train"] if k != LABEL_KEY))
         if not modalities:
@@ -136,6 +139,7 @@ def load(dataset_cfg) -> SourceData:
                 what="rank 3 [N, T, D] or rank 2 [N, D]",
             )
             x = x.astype(np.float32)
+            check_has_features(x, file=f, split=split, key=m)
             check_finite(x, file=f, split=split, key=m)
             arrays[m] = x
         labels[split] = numeric_array(d[LABEL_KEY], ranks=(1,), file=f, split=split, key=LABEL_KEY)
@@ -198,6 +202,12 @@ def _check_class_labels(labels: dict[str, np.ndarray], files: dict[str, str]) ->
             )
         if (y < 0).any():
             raise input_error(f, split, LABEL_KEY, f"negative class label {int(y.min())}")
+    classes = np.unique(labels["train"])
+    if classes.size < 2:
+        raise input_error(
+            files["train"], "train", LABEL_KEY,
+            f"one class only (every label is {int(classes[0])}): a classifier needs at least "
+            'two (for real-valued targets set "task": "regression" in meta.json)')
     num_classes = int(labels["train"].max()) + 1
     for split in ("valid", "test"):
         y = labels[split]

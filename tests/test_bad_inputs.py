@@ -44,14 +44,12 @@ def _config(preset="digits,tiny", **fields):
 
 def _npz(tmp, mutate=None, meta=None, *, method="erm", **kw):
     """A DESIGN.md §7 npz folder (tests/data_fixtures.py), `mutate`d; returns its config."""
-    kw.setdefault("sizes", (64, 32, 32))
     data = data_fixtures.npz_data(**kw)
     if mutate is not None:
         mutate(data)
     folder = str(tmp / "npz")
     data_fixtures.write_npz_folder(folder, data=data, meta=meta)
-    return _config("npz,tiny", dataset__path=folder, method=method, batch_size=16,
-                   eval__batch_size=32)
+    return _config("npz,tiny", dataset__path=folder, method=method)
 
 
 def _mult(tmp, mutate=None):
@@ -162,7 +160,7 @@ IN_PROCESS = {
     # Issue 11's cases.
     "npz_zero_features": (
         lambda tmp: _npz(tmp, _setall("alpha", lambda x: x[:, :0])),
-        ["train.npz", "'alpha'", "0 features", "(64, 0)"]),
+        ["train.npz", "'alpha'", "0 features", "(6, 0)"]),
     "npz_single_class": (lambda tmp: _npz(tmp, _setall("labels", lambda y: 0 * y)),
                          ["train.npz", "'labels'", "one class"]),
     "negative_seed": (lambda tmp: _config(seed=-1), ["config.seed", "-1"]),
@@ -408,10 +406,11 @@ def _strict_load(path):
 
 def test_one_modality_dataset_trains_and_writes_strict_json(tmp_path):
     """An npz folder with a single view has no missing condition: eval.json says so (no NaN)."""
-    config = _npz(tmp_path, _delall("zeta"))
+    config = _npz(tmp_path, _delall("zeta"), sizes=(64, 32, 32))
     workdir = str(tmp_path / "one")
     with config.unlocked():
         config.num_steps, config.checkpoint_every, config.eval_every = 4, 4, 4
+        config.batch_size, config.eval.batch_size = 16, 32
     text = trainer.train_command(config, workdir)
     results = _strict_load(os.path.join(workdir, "eval.json"))
     assert results["missing"] == {} and results["missing_mask"] == {}

@@ -194,10 +194,10 @@ def _recording_fns(graphdef, records):
     """ApplyFns whose `head` records the presence mask it is given (a seam for the tests)."""
     fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
 
-    def head(params, z, mask):
+    def head(params, z, mask, **kwargs):
         # Ordered: the clean branch's call comes first, then the collapsed branch's.
         jax.debug.callback(lambda m: records.append(np.asarray(m)), mask, ordered=True)
-        return fns.head(params, z, mask)
+        return fns.head(params, z, mask, **kwargs)
 
     return ApplyFns(encode=fns.encode, head=head, reconstruct=fns.reconstruct, apply=fns.apply)
 

@@ -121,7 +121,7 @@ def _names(path):
 @pytest.mark.parametrize("task", ["classification", "regression", "multilabel"])
 def test_two_modality_step_by_hand(task, mask_prob):
     params, fns, info, config, batch, method = _setup(task, mask_prob=mask_prob)
-    g, _, meas = jax.jit(lambda p, b: method.grads(p, {}, b, jax.random.key(0),
+    g, _, meas, _ = jax.jit(lambda p, b: method.grads(p, {}, b, jax.random.key(0),
                                                    step=jnp.int32(3), meta_batch=b))(params,
                                                                                      batch)
     # Each modality's own prediction: the other zero-filled, its mask column 1 - mask_prob
@@ -161,7 +161,7 @@ def test_generalization_enhancement_noise_and_window():
     erm = jax.grad(lambda p: supervised_loss(fns, p, batch, info=info, config=config)[0])(params)
     grads = jax.jit(lambda p, b, s: method.grads(p, {}, b, jax.random.key(0), step=s,
                                                  meta_batch=b))
-    g, _, meas = grads(params, batch, jnp.int32(50))  # the window's last step: 0.5 * 100
+    g, _, meas, _ = grads(params, batch, jnp.int32(50))  # the window's last step: 0.5 * 100
     assert float(meas["ogm/modulating"]) == 1.0
     for i in range(2):
         k = float(meas[f"ogm/coeff/{MODS[i]}"])
@@ -180,7 +180,7 @@ def test_generalization_enhancement_noise_and_window():
     np.testing.assert_allclose(g["head"]["kernel"][...], erm["head"]["kernel"][...], rtol=1e-5,
                                atol=1e-8)
     # Past the window: erm's gradient, untouched, while the coefficients are still logged.
-    g, _, meas = grads(params, batch, jnp.int32(51))
+    g, _, meas, _ = grads(params, batch, jnp.int32(51))
     assert float(meas["ogm/modulating"]) == 0.0 and min(
         float(meas[f"ogm/coeff/{m}"]) for m in MODS) < 1.0
     for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(erm), strict=True):

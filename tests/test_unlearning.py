@@ -283,8 +283,9 @@ def test_method_writes_unlearn_json(trained, tmp_path, method):
     _check_body(result, method, STEPS)
     if method == "manu":
         layers = result["details"]["layers"]
-        # tiny: d = 16 neurons per layer, 20% -> round(3.2) = 3 zeroed in each of proj and out.
-        assert {k: v["pruned"] for k, v in layers.items()} == {"proj": 3, "out": 3}
+        # tiny: d = 16 neurons per layer, 20% -> round(3.2) = 3 zeroed in each of the digits
+        # preset's conv encoder's layers (proj, conv, out).
+        assert {k: v["pruned"] for k, v in layers.items()} == {"proj": 3, "conv": 3, "out": 3}
 
 
 def test_neggrad_raises_the_forget_loss(trained, tmp_path):

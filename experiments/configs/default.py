@@ -216,8 +216,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
     # The final evaluation: "robustness" (eval.json's whole protocol: missing conditions under both
-    # protocols, random missing, corruption) or "full" (full-modality metrics only; quick runs).
+    # protocols, random missing, corruption), "missing" (full and the missing conditions only) or
+    # "full" (full-modality metrics only; quick runs).
     config.eval.protocol = "robustness"
+    # The split of the final evaluation: "test" (eval.json) or "valid" (eval_valid.json, for
+    # choosing settings without touching test; experiments.sweep).
+    config.eval.split = "test"
     # Evaluate the params that scored best on valid (True), or the last ones (False).
     config.eval.keep_best = True
 

@@ -172,7 +172,7 @@ def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None, 
             todo.append(name)
     # In one process the jobs share one MeasureCache (one compile of the measurement).
     cache = unlearn_lib.MeasureCache() if workers <= 1 else None
-    for i, result in _run_all(unlearn_job or _unlearn_job,
+    for i, result in run_jobs(unlearn_job or _unlearn_job,
                               [(erm_workdir, forget, name, os.path.join(out, "unlearn", name),
                                 steps, cache) for name in todo],
                               workers=workers, desc="unlearn", labels=todo, cache_dir=cache_dir):
@@ -223,7 +223,7 @@ def _init_worker(cache_dir: str | None) -> None:
         enable_compilation_cache(cache_dir)
 
 
-def _train_job(config_dict: dict, workdir: str, progress: bool) -> float:
+def default_train_job(config_dict: dict, workdir: str, progress: bool) -> float:
     t0 = time.time()
     trainer.train_and_evaluate(ml_collections.ConfigDict(config_dict), workdir,
                                progress=progress)
@@ -236,7 +236,7 @@ def _unlearn_job(workdir: str, forget: str, method: str, out: str, steps: int | 
                                steps=steps, progress=progress, cache=cache)
 
 
-def _run_all(fn, jobs: Sequence[tuple], *, workers: int, desc: str, labels: Sequence[str],
+def run_jobs(fn, jobs: Sequence[tuple], *, workers: int, desc: str, labels: Sequence[str],
              cache_dir: str | None):
     """Yields ``(index, fn(*jobs[index]))`` as each job finishes, under one tqdm bar.
 
@@ -301,7 +301,7 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
       linear: add the linear reference (scikit-learn, seconds).
       quick: the README's first command: `fast` steps, one seed, `QUICK_METHODS`, no floor,
         ablation, oracle or unlearning.
-      train_job, unlearn_job: stand-ins for `_train_job` and `_unlearn_job` (tests: a run that
+      train_job, unlearn_job: stand-ins for `default_train_job` and `_unlearn_job` (tests: a run that
         must not happen, a fake unlearning); module-level functions when ``workers > 1``.
     """
     # 1. Output folder, shared data and the base config.
@@ -337,8 +337,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
                    if not os.path.exists(os.path.join(workdir_of(r, k), "eval.json"))),
                   key=lambda job: (job[1] > 0, job[0].method != "modalimmune"))
     cache_dir = jax.config.jax_compilation_cache_dir or None
-    for i, seconds in _run_all(
-            train_job or _train_job,
+    for i, seconds in run_jobs(
+            train_job or default_train_job,
             [(run_config(base, r, k).to_dict(), workdir_of(r, k)) for r, k in todo],
             workers=workers, desc="runs", labels=[f"{r.name} seed{k}" for r, k in todo],
             cache_dir=cache_dir):

@@ -158,7 +158,7 @@ def format_stat(stat: Mapping[str, float], metric: str, *, signed: bool = False)
     return f"{mean:{sign}.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -266,7 +266,7 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
             n = per_run.get(row[0], num_seeds)
             if n != num_seeds:
                 row[0] = f"{row[0]} ({n} seed{'s' if n != 1 else ''})"
-        return _markdown(header, rows) + "\n"
+        return markdown(header, rows) + "\n"
 
     curve = CURVE_METRIC[family]
     n_cond = len(robustness.missing_conditions(modalities))
@@ -314,7 +314,7 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
             f"for regression) on standardized features ({pooled}), test split `{metric}`. "
             f"Full: on every modality; each condition: a linear specialist trained on the kept "
             f"modalities only. Deterministic (no seeds).\n")
-        parts.append(_markdown(*linear_table(results["linear"], modalities=modalities,
+        parts.append(markdown(*linear_table(results["linear"], modalities=modalities,
                                              metric=metric)) + "\n")
     if results.get("unlearning"):
         metric = TABLE_METRICS[family][0]
@@ -324,7 +324,7 @@ def render_tables(results: Mapping, *, names: Sequence[str], modalities: Sequenc
             f"forget quality (probe and alone accuracy on the forgotten modality, its information "
             f"gain), retained `{metric}` and wall time (s). See `modalimmune_jax/studies/"
             f"unlearn.py`.\n")
-        parts.append(_markdown(*unlearning_table(results["unlearning"], metric=metric)) + "\n")
+        parts.append(markdown(*unlearning_table(results["unlearning"], metric=metric)) + "\n")
     return "\n".join(parts)
 
 

@@ -16,7 +16,7 @@ from modalimmune_jax.training.errors import ConfigError
 # Fields a rerun may change without invalidating the checkpoints in a workdir.
 RESUMABLE_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints", "dataset.data_dir", "dataset.worker_count",
-                    "eval.batch_size", "preset", "profile_steps")
+                    "eval.batch_size", "eval.protocol", "eval.split", "preset", "profile_steps")
 # Config fields that name a file or folder: resolved to absolute paths at the CLI boundary.
 PATH_FIELDS = ("dataset.path", "dataset.data_dir")
 # Old name -> new name. The old name keeps working for one release, with a warning.
@@ -166,7 +166,8 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
         value = get_field(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"config.{name} must be an integer >= 0, got {value!r}")
-    _one_of(config, "eval.protocol", ("robustness", "full"))
+    _one_of(config, "eval.protocol", ("robustness", "missing", "full"))
+    _one_of(config, "eval.split", ("test", "valid"))
     if config.dataset.name in ("npz", "cmu_mosi", "cmu_mosei", "iemocap"):
         path = config.dataset.path
         if not path:

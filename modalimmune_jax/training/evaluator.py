@@ -15,8 +15,9 @@
   its batch mean (so the decoder must rebuild it from the others).
 
 A dataset with one modality has no missing condition: ``missing`` is ``{}``, ``missing_avg`` is
-null and ``missing_note`` says why. ``config.eval.protocol = "full"`` keeps only ``full`` (a quick
-run, or an unlearning run that measures itself).
+null and ``missing_note`` says why. ``config.eval.protocol = "missing"`` stops after the missing
+conditions (choosing settings on valid), ``"full"`` keeps only ``full`` (a quick run, or an
+unlearning run that measures itself).
 """
 
 import jax
@@ -134,7 +135,11 @@ class Evaluator:
         return out
 
     def protocol(self, params, arrays, *, kind: str = "robustness") -> dict:
-        """The eval.json body (module docstring) for one split; ``kind="full"``: ``full`` only."""
+        """The eval.json body (module docstring) for one split.
+
+        ``kind``: ``"robustness"`` (everything), ``"missing"`` (``full`` and the missing
+        conditions under both protocols: what model selection on valid needs) or ``"full"``.
+        """
         mods = self.info.modalities
         if kind == "full":
             return {"full": self.full(params, arrays)}
@@ -151,6 +156,8 @@ class Evaluator:
         if len(mods) == 1:
             results["missing_note"] = ("one modality: there is no missing-modality condition "
                                        "(every proper subset is empty)")
+        if kind == "missing":
+            return results
         for protocol, suffix in (("zero", ""), ("mask", "_mask")):
             results["random_missing" + suffix] = {
                 str(r): self._run(self.random_missing_fn, params, arrays, jnp.float32(r),

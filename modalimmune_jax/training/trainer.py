@@ -237,7 +237,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         num_epochs=None, drop_remainder=True, shard_index=jax.process_index(),
         shard_count=jax.process_count()))
     valid_arrays = data_pipelines.load_split(config.dataset, "valid", data_dir=built.data_dir)
-    test_arrays = data_pipelines.load_split(config.dataset, "test", data_dir=built.data_dir)
+    final_arrays = (valid_arrays if config.eval.split == "valid" else
+                    data_pipelines.load_split(config.dataset, "test", data_dir=built.data_dir))
 
     # 4. Model and optimizer, as abstract shapes first.
     rng = jax.random.key(config.seed)
@@ -345,11 +346,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         mngr.wait_until_finished()
         mngr.close()
 
-    # 10. Final evaluation of the selected params (best on valid, or the last) on test.
-    results = evaluator.protocol(best_params, test_arrays, kind=config.eval.protocol)
+    # 10. Final evaluation of the selected params (best on valid, or the last) on test (or, to
+    # choose settings, on valid).
+    results = evaluator.protocol(best_params, final_arrays, kind=config.eval.protocol)
     results["best_step"] = meta["best_step"]
     results["valid_best"] = meta["best_value"]
-    written = {"eval": os.path.join(workdir, "eval.json"), "metrics": metrics_path,
+    eval_name = "eval.json" if config.eval.split == "test" else "eval_valid.json"
+    written = {"eval": os.path.join(workdir, eval_name), "metrics": metrics_path,
                "checkpoints": os.path.join(workdir, "checkpoints"), "config": config_path}
     if config.profile_steps:
         written["profile"] = profile.folder

@@ -2,7 +2,8 @@
 
 - Layers point downward only: ``data_pipelines`` -> ``modalimmune_jax`` (model, methods,
   transforms) -> ``modalimmune_jax.training`` -> ``modalimmune_jax.studies`` -> ``experiments``
-  (binaries and configs); ``data_pipelines.build`` and ``.hetero`` are entry points like the binaries.
+  (binaries and configs); ``data_pipelines.build`` and ``.hetero`` are entry points like the
+  binaries.
 - A binary under ``experiments/`` never imports another binary (only ``experiments.configs``).
 - No module of the three source folders imports a ``_private`` name from another module, either
   as ``from x import _name`` or as ``x._name`` on an imported project module.

@@ -301,8 +301,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
       linear: add the linear reference (scikit-learn, seconds).
       quick: the README's first command: `fast` steps, one seed, `QUICK_METHODS`, no floor,
         ablation, oracle or unlearning.
-      train_job, unlearn_job: stand-ins for `default_train_job` and `_unlearn_job` (tests: a run that
-        must not happen, a fake unlearning); module-level functions when ``workers > 1``.
+      train_job, unlearn_job: stand-ins for `default_train_job` and `_unlearn_job` (tests: a run
+        that must not happen, a fake unlearning); module-level functions when ``workers > 1``.
     """
     # 1. Output folder, shared data and the base config.
     if quick:

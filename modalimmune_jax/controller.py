@@ -12,8 +12,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from modalimmune_jax.interventions import remove_for_training
+from modalimmune_jax.robustness import missing_conditions
 
 
 def information_gain(
@@ -34,8 +36,8 @@ def information_gain(
     whichever modality is left out: the M gains differ only in the modality removed, not in the
     flag draw. Positive: the model needs m; zero: it ignores m; negative: removing m helps (e.g.
     m carries noise the model has fitted). No squaring, no clipping. Computed under
-    ``stop_gradient``, with M + 1 forward passes run as one ``lax.map`` over keep-vectors (one
-    traced forward pass, whatever M).
+    ``stop_gradient``, with M + 1 forward passes run as one batched (``vmap``-ed) pass: this is
+    `pattern_information_gain` over the M leave-one-out patterns.
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` returning the per-example loss ``[B]`` (or any shape;
@@ -55,21 +57,112 @@ def information_gain(
     Reference: DESIGN.md §3.1 and §2 (the one removal rule); ModalImmune (arXiv 2602.16197),
     signed rather than squared.
     """
+    leave_one_out = 1.0 - jnp.eye(len(modalities))  # [M, M]: row m removes modality m
+    return pattern_information_gain(loss_fn, params, batch, keeps=leave_one_out,
+                                    modalities=modalities, key=key, mask_prob=mask_prob)
+
+
+def removal_patterns(num_modalities: int) -> np.ndarray:
+    """Every missing-modality pattern: the ``2^M - 2`` proper non-empty subsets that are KEPT.
+
+    In the order of `robustness.missing_conditions` (most kept first, then lexicographic), so
+    pattern ``s`` is the test protocol's condition ``s``.
+
+    Args:
+      num_modalities: M >= 1 (M = 1 has no pattern: an empty ``[0, 1]`` array).
+
+    Returns:
+      ``[2^M - 2, M] float32`` keep vectors (1 kept, 0 removed).
+    """
+    names = [str(m) for m in range(num_modalities)]
+    keeps = [keep for _, keep in missing_conditions(names)]
+    return np.stack(keeps) if keeps else np.zeros((0, num_modalities), np.float32)
+
+
+def pattern_information_gain(
+    loss_fn: Callable[[object, Mapping[str, jax.Array]], jax.Array],
+    params: object,
+    batch: Mapping[str, jax.Array],
+    *,
+    keeps: jax.typing.ArrayLike,
+    modalities: Sequence[str],
+    key: jax.Array,
+    mask_prob: jax.typing.ArrayLike,
+) -> jax.Array:
+    """Signed information gain of every removal pattern: ``IG_S = loss(x without S) - loss(x)``.
+
+    The per-pattern form of `information_gain` (which is its special case ``keeps = 1 - I``):
+    each row of `keeps` names what an example keeps; the rest is removed with the shared rule
+    (`interventions.remove_for_training`, one `key` for every pattern, so the patterns differ
+    only in what they remove). The P + 1 forward passes run as one ``vmap``-ed (batched) pass
+    under ``stop_gradient``. A pattern that only removes modalities the model ignores has a gain
+    of exactly 0 (tests/test_controller.py).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> [B]`` per-example loss, deterministic.
+      params: pytree of model parameters.
+      batch: dict with one array per modality, ``"mask"`` ``[B, M] float32`` and the label.
+      keeps: ``[P, M]`` float, 1 keeps the modality (`removal_patterns`).
+      modalities: the M modality names, in the column order of ``batch["mask"]``.
+      key: PRNG key for the per-example mask flags of the removal rule.
+      mask_prob: scalar in ``[0, 1]``, ``config.removal.mask_prob``.
+
+    Returns:
+      ``[P] float32``, the gain of each pattern.
+
+    Reference: DESIGN.md §3.1 (the gain per removal pattern).
+    """
     params, batch = jax.lax.stop_gradient((params, dict(batch)))
-    num_modalities = len(modalities)
-    # Row 0 keeps everything (the clean loss; nothing removed, so no flag applies); row 1 + m
-    # removes modality m.
-    keeps = jnp.concatenate(
-        [jnp.ones((1, num_modalities)), 1.0 - jnp.eye(num_modalities)], axis=0
-    )  # [M + 1, M]
+    keeps = jnp.asarray(keeps, jnp.float32)
+    # Row 0 keeps everything (the clean loss; nothing removed, so no flag applies).
+    rows = jnp.concatenate([jnp.ones((1, len(modalities))), keeps], axis=0)  # [P + 1, M]
 
     def batch_loss(keep):
         removed = remove_for_training(batch, keep, key=key, mask_prob=mask_prob,
                                       modalities=modalities)
         return jnp.mean(loss_fn(params, removed)).astype(jnp.float32)
 
-    losses = jax.lax.map(batch_loss, keeps)  # [M + 1]
+    losses = jax.vmap(batch_loss)(rows)  # [P + 1]
     return jax.lax.stop_gradient(losses[1:] - losses[0])
+
+
+def select_patterns(
+    state: "ControllerState",
+    key: jax.Array,
+    *,
+    keeps: jax.typing.ArrayLike,
+    batch_size: int,
+    p_clean: jax.typing.ArrayLike = 0.0,
+    tau: jax.typing.ArrayLike = 1.0,
+    uniform: jax.typing.ArrayLike = 0.0,
+) -> jax.Array:
+    """Draws each example's removal pattern: ``(1 - uniform) softmax(G_S / tau) + uniform / P``.
+
+    Exponentiated weights over the patterns' gain EMA, in the sense of Group DRO: the pattern the
+    model currently does worst on is drawn most. ``uniform`` mixes in the uniform distribution so
+    that no pattern is ever starved (its gain would go stale). With probability ``p_clean`` an
+    example is left clean (an all-zero row).
+
+    Args:
+      state: `ControllerState` whose ``gain_ema`` is ``[P]`` (one entry per pattern).
+      key: a PRNG key.
+      keeps: ``[P, M]`` keep vectors (`removal_patterns`).
+      batch_size: B (static).
+      p_clean: scalar probability that an example is left clean.
+      tau: softmax temperature > 0.
+      uniform: scalar in [0, 1], the share of the uniform distribution.
+
+    Returns:
+      ``[B, M] float32``: 1 where the example's pattern removes the modality (the targets).
+    """
+    keeps = jnp.asarray(keeps, jnp.float32)
+    num_patterns = keeps.shape[0]
+    probs = ((1.0 - uniform) * jax.nn.softmax(state.gain_ema / tau)
+             + uniform / num_patterns)  # [P]
+    k_pattern, k_clean = jax.random.split(key)
+    pattern = jax.random.categorical(k_pattern, jnp.log(probs), shape=(batch_size,))  # [B]
+    clean = jax.random.bernoulli(k_clean, p_clean, (batch_size,))
+    return jnp.where(clean[:, None], 0.0, 1.0 - keeps[pattern])
 
 
 class ControllerState(NamedTuple):

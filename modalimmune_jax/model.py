@@ -304,7 +304,9 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
       z: ``[B, M, d]`` embeddings.
       target: ``[M]`` float multi-hot (one-hot for one target; all zeros: no change), or
         ``[B, M]`` for targets per example (the collapse itself is always a batch statistic).
-      strength, gamma: scalars forwarded to ``collapse_fn``.
+      strength: scalar, or ``[B]`` for a strength per example (the collapse is linear in its
+        strength, ``C_s(Z) = Z - s D`` with ``D = Z - C_1(Z)``, so each row takes its own).
+      gamma: scalar forwarded to ``collapse_fn``.
       collapse_fn: ``(Z [B, d], strength, gamma) -> [B, d]``.
       null: optional ``[B, M, d]`` embeddings of the zero-filled input. When given, a collapsed
         modality's centre also moves from its batch mean towards its null embedding by
@@ -317,13 +319,19 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
     if collapse_fn is None:
         raise ValueError("interventions['target'] needs a collapse_fn (make_apply_fns)")
     zm = jnp.moveaxis(z, 1, 0)  # [M, B, d]
+    per_example = jnp.ndim(strength) == 1
+    # Per example: collapse at strength 1 once, then scale each row's displacement.
+    s_fn = 1.0 if per_example else strength
     if collapse_fn is spectral_collapse and is_static_zero(gamma):
-        collapsed = jax.vmap(collapse_fn, in_axes=(0, None, None))(zm, strength, gamma)
+        collapsed = jax.vmap(collapse_fn, in_axes=(0, None, None))(zm, s_fn, gamma)
     else:
-        collapsed = jax.lax.map(lambda x: collapse_fn(x, strength, gamma), zm)
+        collapsed = jax.lax.map(lambda x: collapse_fn(x, s_fn, gamma), zm)
+    s_rows = jnp.asarray(strength, z.dtype)[None, :, None] if per_example else strength
+    if per_example:
+        collapsed = zm - s_rows * (zm - collapsed)  # [M, B, d]
     if null is not None:
-        collapsed = collapsed + strength * (jnp.moveaxis(null, 1, 0)
-                                            - jnp.mean(zm, axis=1, keepdims=True))
+        collapsed = collapsed + s_rows * (jnp.moveaxis(null, 1, 0)
+                                          - jnp.mean(zm, axis=1, keepdims=True))
     t = jnp.broadcast_to(target.astype(z.dtype), z.shape[:2])[:, :, None]
     return z + t * (jnp.moveaxis(collapsed, 0, 1) - z)
 

@@ -176,6 +176,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.max_targets = 2
     # Draw the targets per example (True) or once per batch (DESIGN.md's single batch target).
     config.mi.per_example = True
+    # The controller's arms: "modality" (DESIGN.md §3.1: up to max_targets modalities drawn from
+    # softmax(G_m / tau)) or "pattern" (one of the 2^M - 2 removal patterns per example, from
+    # softmax(G_S / tau) over each pattern's gain: Group-DRO weights on the test conditions).
+    config.mi.controller_mode = "modality"
+    # Pattern mode: the share of the uniform distribution mixed into the draw.
+    config.mi.uniform = 0.0
+    # Weight of KL(collapsed prediction || clean prediction) on the hit examples (0: off).
+    config.mi.distill_weight = 0.0
+    # Each hit example's strength is strength * (1 - strength_spread * u), u ~ U[0, 1]: 0 always
+    # collapses at the strength; 1 spreads it down to 0 (partial destruction, like corruption).
+    config.mi.strength_spread = 0.0
     # Spectral collapse of the target's embedding (§3.2); off: zero-fill the target instead.
     config.mi.collapse = True
     # Initial collapse strength in (0, 1) (a meta-parameter) and the energy exponent gamma.

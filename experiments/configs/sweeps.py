@@ -22,4 +22,24 @@ def methods(suite: str) -> dict:
     }
 
 
-SWEEPS = {"methods": methods}
+def modalimmune(suite: str) -> dict:
+    """ModalImmune's formulation: the controller's arms, self-distillation, the strength spread."""
+    del suite
+    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    return {
+        "mi_modality": mi(),
+        "mi_pattern": mi(controller_mode="pattern", uniform=0.2),
+        "mi_pattern_distill": mi(controller_mode="pattern", uniform=0.2, distill_weight=1.0),
+        "mi_pattern_distill_spread": mi(controller_mode="pattern", uniform=0.2,
+                                        distill_weight=1.0, strength_spread=0.5),
+        "mi_pattern_distill_pclean0": mi(controller_mode="pattern", uniform=0.2,
+                                         distill_weight=1.0, p_clean=0.0),
+    }
+
+
+def first_look(suite: str) -> dict:
+    """The baselines and ModalImmune's variants in one sweep."""
+    return {**methods(suite), **modalimmune(suite)}
+
+
+SWEEPS = {"methods": methods, "modalimmune": modalimmune, "first_look": first_look}

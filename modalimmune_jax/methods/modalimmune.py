@@ -46,6 +46,7 @@ from modalimmune_jax import curvature, hypergrad, losses, robustness, spectral
 from modalimmune_jax.curvature_mask import curvature_mask, split_gradients_joint
 from modalimmune_jax.interventions import drop_modalities, remove_for_training, training_mask
 from modalimmune_jax.methods.base import Method
+from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import collapse_target
 
 
@@ -91,12 +92,15 @@ class ModalImmuneState(NamedTuple):
 
 class Removal(NamedTuple):
     """This step's removal: ``target`` ``[B, M] float32`` multi-hot (all-zero rows are clean),
-    ``mask`` ``[B, M] float32`` the presence mask of the collapsed branch, and ``batch`` the
-    zero-filled batch for the zero-fill variant (``mi.collapse=False``; else None)."""
+    ``mask`` ``[B, M] float32`` the presence mask of the collapsed branch, ``batch`` the
+    zero-filled batch for the zero-fill variant (``mi.collapse=False``; else None), and
+    ``spread`` ``[B] float32`` in [0, 1], each example's share of the collapse strength
+    (``1 - mi.strength_spread * u``, ``u ~ U[0, 1]``; all ones without a spread)."""
 
     target: jax.Array
     mask: jax.Array
     batch: Mapping[str, jax.Array] | None
+    spread: jax.Array
 
 
 def null_embeddings(encode, params, batch, *, modalities) -> jax.Array:
@@ -153,6 +157,11 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     meta_tx = optax.adam(mi.meta_lr)
     # Collapsing every modality at once leaves nothing to learn from: at most M - 1 targets.
     max_targets = max(1, min(mi.max_targets, num_m - 1))
+    # The controller's arms: the M modalities, or the 2^M - 2 removal patterns.
+    by_pattern = mi.controller_mode == "pattern"
+    pattern_keeps = ctrl_lib.removal_patterns(num_m)  # [P, M]
+    arms = ([f"without={'+'.join(m for m, k in zip(mods, keep, strict=True) if not k)}"
+             for keep in pattern_keeps] if by_pattern else list(mods))
     # Every missing pattern with at least one modality kept, the full set included.
     patterns = jnp.asarray(np.stack([np.ones(num_m, np.float32)] + [
         keep for _, keep in robustness.missing_conditions(mods)]))
@@ -180,16 +189,31 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         controller, last_ig = state.controller, state.last_ig
         if mi.controller:
             def refresh(c):
-                ig = ctrl_lib.information_gain(per_example_task, params, batch, modalities=mods,
-                                               key=k_ig, mask_prob=mask_prob)
+                if by_pattern:
+                    ig = ctrl_lib.pattern_information_gain(
+                        per_example_task, params, batch, keeps=pattern_keeps, modalities=mods,
+                        key=k_ig, mask_prob=mask_prob)
+                else:
+                    ig = ctrl_lib.information_gain(per_example_task, params, batch,
+                                                   modalities=mods, key=k_ig,
+                                                   mask_prob=mask_prob)
                 return ctrl_lib.update_controller(c, ig, beta=mi.ema_beta), ig
             controller, last_ig = jax.lax.cond(step % mi.ig_every == 0, refresh,
                                                lambda c: (c, last_ig), controller)
-        # Off: the same draw from a flat gain, i.e. uniform targets.
-        policy = controller if mi.controller else ctrl_lib.init_controller(num_m)
+        # Off: the same draw from a flat gain, i.e. uniform targets (patterns).
+        policy = controller if mi.controller else ctrl_lib.init_controller(len(arms))
+        batch_size = batch["mask"].shape[0]
+        if by_pattern:
+            # Group-DRO style: each example's whole pattern from softmax(G_S / tau), mixed with
+            # the uniform distribution so that no pattern's gain goes stale.
+            draw = lambda k, n: ctrl_lib.select_patterns(
+                policy, k, keeps=pattern_keeps, batch_size=n, p_clean=mi.p_clean, tau=mi.tau,
+                uniform=mi.uniform)
+            target = (draw(k_draw, batch_size) if mi.per_example else
+                      jnp.broadcast_to(draw(k_draw, 1), (batch_size, num_m)))
+            return controller, last_ig, target
         draw = lambda k: ctrl_lib.select_target(policy, k, p_clean=mi.p_clean, tau=mi.tau,
                                                 max_targets=max_targets)
-        batch_size = batch["mask"].shape[0]
         if mi.per_example:
             # Each example gets its own targets from the same policy: the collapse operator is a
             # batch statistic, but which rows it replaces varies, as ModDrop's patterns do.
@@ -201,12 +225,15 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     # 2. Collapse and objective.
     def removal(batch, target, key) -> Removal:
         """The shared removal rule (DESIGN.md §2) applied to this step's targets."""
+        batch_size = target.shape[0]
+        spread = 1.0 - mi.strength_spread * jax.random.uniform(jax.random.fold_in(key, 1),
+                                                               (batch_size,))
         if mi.collapse:
             return Removal(target, training_mask(batch["mask"], 1.0 - target, key=key,
-                                                 mask_prob=mask_prob), None)
+                                                 mask_prob=mask_prob), None, spread)
         removed = remove_for_training(batch, 1.0 - target, key=key, mask_prob=mask_prob,
                                       modalities=mods)
-        return Removal(target, removed["mask"], removed)
+        return Removal(target, removed["mask"], removed, spread)
 
     def objective(params, batch, phi, hit: Removal, key):
         """``((total, destructive), aux)`` for one batch (module docstring, item 2).
@@ -221,8 +248,11 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         if mi.collapse:
             z_null = (null_embeddings(apply_fns.encode, params, batch, modalities=mods)
                       if mi.anchor == "null" else None)
-            z_hit = collapse_target(z, hit.target, strength, mi.gamma,
-                                    collapse_fn=spectral.spectral_collapse, null=z_null)
+            # A spread gives each example its own strength in [s (1 - spread), s]: partial
+            # destruction (corruption) as well as the complete one (a missing modality).
+            z_hit = collapse_target(z, hit.target,
+                                    strength * hit.spread if mi.strength_spread else strength,
+                                    mi.gamma, collapse_fn=spectral.spectral_collapse, null=z_null)
         else:
             z_hit = apply_fns.encode(params, hit.batch, rng=k_enc)
         h_col, preds_col = apply_fns.head(params, z_hit, hit.mask, rng=k_col)
@@ -234,15 +264,22 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         task_col = task_col / jnp.maximum(jnp.sum(hit_rows), 1.0)
         reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
                if mi.regularizer else jnp.zeros([]))
+        # Self-distillation: the collapsed branch matches the clean prediction (no gradient to
+        # it), over the examples that lost something (DESIGN.md §3.6's optional consistency).
+        distill = jnp.zeros([])
+        if mi.distill_weight:
+            div = prediction_divergence(preds_col, preds_clean, task=info.task)  # [B]
+            distill = jnp.sum(hit_rows * div) / jnp.maximum(jnp.sum(hit_rows), 1.0)
         rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
                                                   losses.pooled_features(batch, mods),
                                                   variances=rec_variances))
         lam_c, lam_r = jnp.exp(phi.log_reg_weight), jnp.exp(phi.log_rec_weight)
         # 0 on an all-clean batch: the collapsed branch then equals the clean one.
-        destructive = jnp.max(hit_rows) * (mi.collapse_weight * task_col + lam_c * reg)
+        destructive = jnp.max(hit_rows) * (mi.collapse_weight * task_col + lam_c * reg
+                                           + mi.distill_weight * distill)
         total = task_clean + destructive + lam_r * rec
         aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
-               "rec_loss": rec, "strength": strength}
+               "rec_loss": rec, "strength": strength, "distill": distill}
         return (total, destructive), (aux, z)
 
     # 3. Curvature.
@@ -292,7 +329,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             log_rec_weight=jnp.log(jnp.float32(config.loss.reconstruction)))
         zero = jnp.zeros([], jnp.float32)
         return ModalImmuneState(
-            controller=ctrl_lib.init_controller(num_m), last_ig=jnp.zeros([num_m], jnp.float32),
+            controller=ctrl_lib.init_controller(len(arms)),
+            last_ig=jnp.zeros([len(arms)], jnp.float32),
             curvature=curvature.init_curvature_ema(params), phi=phi, meta_opt=meta_tx.init(phi),
             cert=Certificate(*[zero] * len(Certificate._fields)),
             meta_skips=jnp.zeros([], jnp.int32), effective_rank=zero)
@@ -331,8 +369,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 "meta_skips": meta_skips,
                 "reg_weight": jnp.exp(phi.log_reg_weight),
                 "rec_weight": jnp.exp(phi.log_rec_weight),
-                **{f"ig/{m}": last_ig[i] for i, m in enumerate(mods)},
-                **{f"gain_ema/{m}": controller.gain_ema[i] for i, m in enumerate(mods)},
+                **{f"ig/{m}": last_ig[i] for i, m in enumerate(arms)},
+                **{f"gain_ema/{m}": controller.gain_ema[i] for i, m in enumerate(arms)},
                 **{f"cert/{k}": v for k, v in cert._asdict().items()}}
         return g, new_state, meas, tx_args
 

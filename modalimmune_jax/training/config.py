@@ -144,7 +144,9 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("removal.mask_prob", 0, 1, False, False),
             ("mi.strength", 0, 1, True, True), ("mi.p_clean", 0, 1, False, False),
             ("mi.ema_beta", 0, 1, False, True),
-            ("mi.curv_decay", 0, 1, False, True),
+            ("mi.curv_decay", 0, 1, False, True), ("mi.uniform", 0, 1, False, False),
+            ("mi.distill_weight", 0, None, False, False),
+            ("mi.strength_spread", 0, 1, False, False),
             ("mi.tau", 0, None, True, False), ("mi.reg_weight", 0, None, True, False),
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
             ("loss.reconstruction", 0, None, True, False)):
@@ -161,6 +163,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
                  "mi.power_iters"):
         _positive_int(config, name)
     _one_of(config, "mi.anchor", ("null", "mean"))
+    _one_of(config, "mi.controller_mode", ("modality", "pattern"))
     _one_of(config, "mi.mask_mode", ("hard", "soft"))
     for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps"):
         value = get_field(config, name)

@@ -242,3 +242,76 @@ def test_select_target_extremes_determinism_and_single_trace():
     # The untargeted probability mass sums to p_clean.
     probs = controller.target_probabilities(state, p_clean=0.3, tau=2.0)
     np.testing.assert_allclose(float(jnp.sum(probs)), 0.7, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- removal patterns
+
+
+@pytest.mark.parametrize("num_m,expected", [
+    (2, [[1, 0], [0, 1]]),
+    (3, [[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+])
+def test_removal_patterns_by_hand(num_m, expected):
+    np.testing.assert_array_equal(controller.removal_patterns(num_m), expected)
+
+
+def test_removal_patterns_are_every_proper_nonempty_subset_for_four():
+    keeps = controller.removal_patterns(4)
+    assert keeps.shape == (14, 4)  # 2^4 - 2
+    kept = {tuple(int(x) for x in row) for row in keeps}
+    everything = {tuple((i >> j) & 1 for j in range(4)) for i in range(16)}
+    assert kept == everything - {(0, 0, 0, 0), (1, 1, 1, 1)}
+    sizes = keeps.sum(axis=1)
+    assert list(sizes) == sorted(sizes, reverse=True)  # most kept first, as the test conditions
+    assert controller.removal_patterns(1).shape == (0, 1)
+
+
+def test_pattern_gain_is_exactly_zero_for_the_ignored_modality():
+    """`b` has zero weight: removing only `b` changes no prediction, so its gain is exactly 0;
+    every pattern's gain is the hand-computed loss difference."""
+    batch = _batch()
+    params = {"a": jnp.array([1.0, -1.0]), "b": jnp.zeros(2), "c": jnp.array([0.5, 0.5])}
+    keeps = controller.removal_patterns(3)
+    for mask_prob in (0.0, 1.0):
+        gains = controller.pattern_information_gain(
+            _loss, params, batch, keeps=keeps, modalities=MODS, key=jax.random.key(0),
+            mask_prob=mask_prob)
+        chex.assert_shape(gains, (6,))
+        base = np.mean(_loss(params, batch))
+        for s, keep in enumerate(keeps):
+            b = dict(batch)
+            for i, m in enumerate(MODS):
+                if not keep[i]:
+                    b[m] = jnp.zeros_like(batch[m])
+                    b["mask"] = b["mask"].at[:, i].set(1.0 - mask_prob)
+            np.testing.assert_allclose(gains[s], np.mean(_loss(params, b)) - base, rtol=1e-5,
+                                       atol=1e-6)
+        only_b = [s for s, keep in enumerate(keeps) if tuple(keep) == (1, 0, 1)]
+        assert float(gains[only_b[0]]) == 0.0
+    # The per-modality gain is the leave-one-out special case.
+    per_modality = controller.information_gain(_loss, params, batch, modalities=MODS,
+                                               key=jax.random.key(0), mask_prob=1.0)
+    leave_one_out = controller.pattern_information_gain(
+        _loss, params, batch, keeps=1.0 - np.eye(3), modalities=MODS, key=jax.random.key(0),
+        mask_prob=1.0)
+    np.testing.assert_array_equal(per_modality, leave_one_out)
+
+
+def test_select_patterns_frequencies():
+    keeps = controller.removal_patterns(3)
+    state = controller.ControllerState(gain_ema=jnp.array([0.0, 0.5, 1.0, 1.5, 0.2, -0.3]),
+                                       count=jnp.int32(1))
+    n, tau, uniform, p_clean = 60000, 0.5, 0.2, 0.25
+    target = controller.select_patterns(state, jax.random.key(3), keeps=keeps, batch_size=n,
+                                        p_clean=p_clean, tau=tau, uniform=uniform)
+    chex.assert_shape(target, (n, 3))
+    target = np.asarray(target)
+    clean = target.sum(axis=1) == 0
+    assert abs(clean.mean() - p_clean) < 4 * np.sqrt(p_clean * (1 - p_clean) / n)
+    g = np.asarray(state.gain_ema) / tau
+    probs = (1 - uniform) * np.exp(g - g.max()) / np.exp(g - g.max()).sum() + uniform / 6
+    drawn = target[~clean]
+    for s, keep in enumerate(keeps):
+        freq = np.mean(np.all(drawn == 1.0 - keep, axis=1))
+        se = np.sqrt(probs[s] * (1 - probs[s]) / len(drawn))
+        assert abs(freq - probs[s]) < 4.5 * se, (s, freq, probs[s])

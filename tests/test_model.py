@@ -286,3 +286,19 @@ def test_collapse_target_closed_form_matches_the_svd_path():
         expected = np.where(np.asarray(target)[..., None] > 0,
                             (1 - strength) * np.asarray(z) + strength * np.asarray(null), z)
         np.testing.assert_allclose(closed(z, target, strength, null), expected, atol=1e-6)
+
+
+def test_collapse_target_per_example_strength_is_each_rows_own_collapse():
+    """A [B] strength: row b is row b of the collapse at strength s_b (closed form and SVD)."""
+    from modalimmune_jax.spectral import spectral_collapse
+    rng = np.random.default_rng(2)
+    z, null = (jnp.asarray(rng.normal(size=(8, 2, 5)), jnp.float32) for _ in range(2))
+    target = jnp.asarray(rng.random((8, 2)) < 0.6, jnp.float32)
+    strengths = jnp.asarray(rng.uniform(0.1, 0.99, size=8), jnp.float32)
+    for gamma in (0.0, jnp.float32(1.0)):
+        rows = collapse_target(z, target, strengths, gamma, null=null,
+                               collapse_fn=spectral_collapse)
+        for b in range(8):
+            one = collapse_target(z, target, float(strengths[b]), gamma, null=null,
+                                  collapse_fn=spectral_collapse)
+            np.testing.assert_allclose(rows[b], one[b], atol=2e-5)

@@ -182,6 +182,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.controller_mode = "modality"
     # Pattern mode: the share of the uniform distribution mixed into the draw.
     config.mi.uniform = 0.0
+    # Every removal pattern is a branch of every step, weighted by (1 - uniform) softmax(G_S /
+    # tau) + uniform / P (the controller's Group-DRO weights; uniform with the controller off),
+    # instead of one drawn pattern per example. The encoders run once either way: a branch is a
+    # fusion and a head on the collapsed embeddings.
+    config.mi.every_pattern = False
     # Weight of KL(collapsed prediction || clean prediction) on the hit examples (0: off).
     config.mi.distill_weight = 0.0
     # Each hit example's strength is strength * (1 - strength_spread * u), u ~ U[0, 1]: 0 always

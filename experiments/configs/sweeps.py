@@ -37,9 +37,28 @@ def modalimmune(suite: str) -> dict:
     }
 
 
+def every_pattern(suite: str) -> dict:
+    """Every removal pattern a branch of every step: uniform or Group-DRO weights, distillation,
+    the strength spread; and the mechanisms that cost a cotangent or an SVD, off."""
+    del suite
+    mi = lambda **kw: {"method": "modalimmune", "mi.every_pattern": True,
+                       **{f"mi.{k}": v for k, v in kw.items()}}
+    return {
+        "every_uniform": mi(uniform=1.0),
+        "every_dro": mi(uniform=0.5),
+        "every_dro_t2": mi(uniform=0.5, tau=2.0),
+        "every_uniform_distill": mi(uniform=1.0, distill_weight=1.0),
+        "every_dro_distill": mi(uniform=0.5, distill_weight=1.0),
+        "every_dro_distill_spread": mi(uniform=0.5, distill_weight=1.0, strength_spread=0.5),
+        "every_dro_distill_lean": mi(uniform=0.5, distill_weight=1.0, curvature=False,
+                                     regularizer=False, meta=False),
+    }
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
 
 
-SWEEPS = {"methods": methods, "modalimmune": modalimmune, "first_look": first_look}
+SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
+          "first_look": first_look}

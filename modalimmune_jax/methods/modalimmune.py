@@ -33,7 +33,6 @@ embedding is computed once per possible sequence length, not per example; the ef
 diagnostic runs only on logged steps; with the curvature mask off there is one cotangent.
 """
 
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -44,7 +43,7 @@ import optax
 from modalimmune_jax import controller as ctrl_lib
 from modalimmune_jax import curvature, hypergrad, losses, robustness, spectral
 from modalimmune_jax.curvature_mask import curvature_mask, split_gradients_joint
-from modalimmune_jax.interventions import drop_modalities, remove_for_training, training_mask
+from modalimmune_jax.interventions import drop_modalities, training_mask
 from modalimmune_jax.methods.base import Method
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import collapse_target
@@ -91,15 +90,18 @@ class ModalImmuneState(NamedTuple):
 
 
 class Removal(NamedTuple):
-    """This step's removal: ``target`` ``[B, M] float32`` multi-hot (all-zero rows are clean),
-    ``mask`` ``[B, M] float32`` the presence mask of the collapsed branch, ``batch`` the
-    zero-filled batch for the zero-fill variant (``mi.collapse=False``; else None), and
-    ``spread`` ``[B] float32`` in [0, 1], each example's share of the collapse strength
-    (``1 - mi.strength_spread * u``, ``u ~ U[0, 1]``; all ones without a spread)."""
+    """This step's removals, as K collapsed branches beside the clean one.
+
+    ``target`` ``[K, B, M] float32`` multi-hot (all-zero rows are clean) and ``mask`` ``[K, B, M]
+    float32`` each branch's presence mask (the shared rule, DESIGN.md §2); ``weights`` ``[K]``
+    float32 the branches' weights in the loss (no gradient); ``spread`` ``[B] float32`` in [0, 1],
+    each example's share of the collapse strength (``1 - mi.strength_spread * u``,
+    ``u ~ U[0, 1]``; all ones without a spread). K = 1 with per-example targets drawn by the
+    controller; K = 2^M - 2 with ``mi.every_pattern`` (every removal pattern, every step)."""
 
     target: jax.Array
     mask: jax.Array
-    batch: Mapping[str, jax.Array] | None
+    weights: jax.Array
     spread: jax.Array
 
 
@@ -158,7 +160,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     # Collapsing every modality at once leaves nothing to learn from: at most M - 1 targets.
     max_targets = max(1, min(mi.max_targets, num_m - 1))
     # The controller's arms: the M modalities, or the 2^M - 2 removal patterns.
-    by_pattern = mi.controller_mode == "pattern"
+    by_pattern = mi.controller_mode == "pattern" or mi.every_pattern
     pattern_keeps = ctrl_lib.removal_patterns(num_m)  # [P, M]
     arms = ([f"without={'+'.join(m for m, k in zip(mods, keep, strict=True) if not k)}"
              for keep in pattern_keeps] if by_pattern else list(mods))
@@ -184,9 +186,23 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
 
     # 1. Controller.
     def controller_step(state, params, batch, key, step):
-        """``(controller, last_ig, target [B, M])``: the amortized IG refresh, then the draw."""
+        """``(controller, last_ig, target [K, B, M], weights [K])``: the IG refresh, the draw.
+
+        With ``mi.every_pattern`` every pattern is a branch (K = P) weighted by
+        ``(1 - uniform) softmax(G_S / tau) + uniform / P`` (uniform without the controller), and
+        the gains are measured on the training pass itself (`gains_from_branches`); otherwise one
+        branch (K = 1) with per-example targets.
+        """
         k_ig, k_draw = jax.random.fold_in(key, 1), key
         controller, last_ig = state.controller, state.last_ig
+        batch_size = batch["mask"].shape[0]
+        if mi.every_pattern:
+            flat = jnp.full([len(arms)], 1.0 / len(arms))
+            weights = ((1.0 - mi.uniform) * jax.nn.softmax(controller.gain_ema / mi.tau)
+                       + mi.uniform * flat) if mi.controller else flat
+            target = jnp.broadcast_to((1.0 - pattern_keeps)[:, None, :],
+                                      (len(arms), batch_size, num_m))
+            return controller, last_ig, target, weights
         if mi.controller:
             def refresh(c):
                 if by_pattern:
@@ -202,7 +218,6 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                                                lambda c: (c, last_ig), controller)
         # Off: the same draw from a flat gain, i.e. uniform targets (patterns).
         policy = controller if mi.controller else ctrl_lib.init_controller(len(arms))
-        batch_size = batch["mask"].shape[0]
         if by_pattern:
             # Group-DRO style: each example's whole pattern from softmax(G_S / tau), mixed with
             # the uniform distribution so that no pattern's gain goes stale.
@@ -211,7 +226,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 uniform=mi.uniform)
             target = (draw(k_draw, batch_size) if mi.per_example else
                       jnp.broadcast_to(draw(k_draw, 1), (batch_size, num_m)))
-            return controller, last_ig, target
+            return controller, last_ig, target[None], jnp.ones([1])
         draw = lambda k: ctrl_lib.select_target(policy, k, p_clean=mi.p_clean, tau=mi.tau,
                                                 max_targets=max_targets)
         if mi.per_example:
@@ -220,24 +235,36 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             target = jax.vmap(draw)(jax.random.split(k_draw, batch_size))
         else:
             target = jnp.broadcast_to(draw(k_draw), (batch_size, num_m))
-        return controller, last_ig, target
+        return controller, last_ig, target[None], jnp.ones([1])
+
+    def gains_from_branches(controller, last_ig, aux, step):
+        """``mi.every_pattern``: each pattern's gain, ``L_S - L_clean``, from the training pass
+        (no extra forward), folded into the EMA every ``ig_every`` steps."""
+        if not (mi.every_pattern and mi.controller):
+            return controller, last_ig
+        ig = aux["branch_task_loss"] - jax.lax.stop_gradient(aux["task_loss"])
+
+        def refresh(c):
+            return ctrl_lib.update_controller(c, ig, beta=mi.ema_beta), ig
+        return jax.lax.cond(step % mi.ig_every == 0, refresh, lambda c: (c, last_ig), controller)
 
     # 2. Collapse and objective.
-    def removal(batch, target, key) -> Removal:
-        """The shared removal rule (DESIGN.md §2) applied to this step's targets."""
-        batch_size = target.shape[0]
+    def removal(batch, target, weights, key) -> Removal:
+        """The shared removal rule (DESIGN.md §2) on this step's targets ``[K, B, M]``."""
+        batch_size = target.shape[1]
         spread = 1.0 - mi.strength_spread * jax.random.uniform(jax.random.fold_in(key, 1),
                                                                (batch_size,))
-        if mi.collapse:
-            return Removal(target, training_mask(batch["mask"], 1.0 - target, key=key,
-                                                 mask_prob=mask_prob), None, spread)
-        removed = remove_for_training(batch, 1.0 - target, key=key, mask_prob=mask_prob,
-                                      modalities=mods)
-        return Removal(target, removed["mask"], removed, spread)
+        keys = jax.random.split(key, target.shape[0])
+        mask = jax.vmap(lambda t, k: training_mask(batch["mask"], 1.0 - t, key=k,
+                                                   mask_prob=mask_prob))(target, keys)
+        return Removal(target, mask, jax.lax.stop_gradient(weights), spread)
 
     def objective(params, batch, phi, hit: Removal, key):
-        """``((total, destructive), aux)`` for one batch (module docstring, item 2).
+        """``((total, destructive), (aux, z))`` for one batch (module docstring, item 2).
 
+        The encoders run once: every branch's collapsed embedding comes from the same ``z`` (a
+        removed modality's rows replaced by their collapse, or by the zero-filled input's
+        embedding in the zero-fill variant), so a branch costs a fusion and a head only.
         ``key``: the model's dropout (a fixed key makes the objective a deterministic function
         of the params, as the meta-update's HVPs need).
         """
@@ -250,36 +277,50 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                       if mi.anchor == "null" else None)
             # A spread gives each example its own strength in [s (1 - spread), s]: partial
             # destruction (corruption) as well as the complete one (a missing modality).
-            z_hit = collapse_target(z, hit.target,
+            z_col = collapse_target(z, jnp.ones(num_m),
                                     strength * hit.spread if mi.strength_spread else strength,
                                     mi.gamma, collapse_fn=spectral.spectral_collapse, null=z_null)
         else:
-            z_hit = apply_fns.encode(params, hit.batch, rng=k_enc)
-        h_col, preds_col = apply_fns.head(params, z_hit, hit.mask, rng=k_col)
+            # Zero-fill: the encoders on the zero-filled input, with the same dropout.
+            z_col = apply_fns.encode(params, drop_modalities(
+                batch, jnp.zeros(num_m), modalities=mods, set_mask=False), rng=k_enc)
+
+        def branch(target, mask, k):
+            z_hit = z + target[..., None] * (z_col - z)  # [B, M, d]
+            h_col, preds_col = apply_fns.head(params, z_hit, mask, rng=k)
+            # Each branch averages over the examples that lost something (the others would only
+            # repeat the clean term).
+            rows = jnp.max(target, axis=1)  # [B]
+            hit_mean = lambda v: jnp.sum(rows * v) / jnp.maximum(jnp.sum(rows), 1.0)
+            task = hit_mean(task_losses(preds_col, batch))
+            distill = (hit_mean(prediction_divergence(preds_col, preds_clean, task=info.task))
+                       if mi.distill_weight else jnp.zeros([]))
+            rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
+                                                      losses.pooled_features(batch, mods),
+                                                      variances=rec_variances))
+            return h_col, task, distill, rec
+
+        num_branches = hit.target.shape[0]
+        h_col, task_k, distill_k, rec_k = jax.vmap(branch)(
+            hit.target, hit.mask, jax.random.split(k_col, num_branches))
+        if mi.regularizer:
+            # One SVD at a time: a batched LAPACK SVD deadlocked XLA:CPU (model.collapse_target).
+            reg_k = jax.lax.map(lambda h: spectral.collapse_regularizer(
+                jax.lax.stop_gradient(h_clean), h), h_col)
+        else:
+            reg_k = jnp.zeros([num_branches])
+        weigh = lambda v: jnp.sum(hit.weights * v)
         task_clean = jnp.mean(task_losses(preds_clean, batch))
-        # The collapsed task loss averages over the examples that lost something (the others
-        # would only repeat the clean term).
-        hit_rows = jnp.max(hit.target, axis=1)  # [B]
-        task_col = jnp.sum(hit_rows * task_losses(preds_col, batch))
-        task_col = task_col / jnp.maximum(jnp.sum(hit_rows), 1.0)
-        reg = (spectral.collapse_regularizer(jax.lax.stop_gradient(h_clean), h_col)
-               if mi.regularizer else jnp.zeros([]))
-        # Self-distillation: the collapsed branch matches the clean prediction (no gradient to
-        # it), over the examples that lost something (DESIGN.md §3.6's optional consistency).
-        distill = jnp.zeros([])
-        if mi.distill_weight:
-            div = prediction_divergence(preds_col, preds_clean, task=info.task)  # [B]
-            distill = jnp.sum(hit_rows * div) / jnp.maximum(jnp.sum(hit_rows), 1.0)
-        rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
-                                                  losses.pooled_features(batch, mods),
-                                                  variances=rec_variances))
+        task_col, reg, distill, rec = weigh(task_k), weigh(reg_k), weigh(distill_k), weigh(rec_k)
         lam_c, lam_r = jnp.exp(phi.log_reg_weight), jnp.exp(phi.log_rec_weight)
         # 0 on an all-clean batch: the collapsed branch then equals the clean one.
-        destructive = jnp.max(hit_rows) * (mi.collapse_weight * task_col + lam_c * reg
-                                           + mi.distill_weight * distill)
+        any_hit = jnp.max(hit.target)
+        destructive = any_hit * (mi.collapse_weight * task_col + lam_c * reg
+                                 + mi.distill_weight * distill)
         total = task_clean + destructive + lam_r * rec
         aux = {"task_loss": task_clean, "collapsed_task_loss": task_col, "regularizer": reg,
-               "rec_loss": rec, "strength": strength, "distill": distill}
+               "rec_loss": rec, "strength": strength, "distill": distill,
+               "branch_task_loss": jax.lax.stop_gradient(task_k)}
         return (total, destructive), (aux, z)
 
     # 3. Curvature.
@@ -318,7 +359,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
         """The most-hit target's effective rank, on logged steps only (an SVD of ``[B, d]``)."""
         done = step + 1
         logged = (done % config.log_every == 0) | (done == config.num_steps)
-        most_hit = jnp.argmax(jnp.sum(target, axis=0))
+        most_hit = jnp.argmax(jnp.sum(target, axis=(0, 1)))
         return jax.lax.cond(logged, lambda: spectral.effective_rank(z[:, most_hit]),
                             lambda: state.effective_rank)
 
@@ -338,8 +379,9 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     def grads(params, state: ModalImmuneState, batch, rng, *, step, meta_batch):
         k_target, k_absent, k_curv, k_meta = jax.random.split(rng, 4)
         k_dropout = jax.random.fold_in(rng, 5)
-        controller, last_ig, target = controller_step(state, params, batch, k_target, step)
-        hit = removal(batch, target, k_absent)
+        controller, last_ig, target, weights = controller_step(state, params, batch, k_target,
+                                                               step)
+        hit = removal(batch, target, weights, k_absent)
         loss_fn = lambda p: objective(p, batch, state.phi, hit, k_dropout)
         tx_args = {}
         curv = state.curvature
@@ -355,17 +397,19 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 return total, (destructive, aux)
             (total, (destructive, (aux, z))), g = jax.value_and_grad(total_fn, has_aux=True)(
                 params)
+        controller, last_ig = gains_from_branches(controller, last_ig, aux, step)
         phi, meta_opt, cert, meta_skips = meta_step(state, params, batch, meta_batch, hit,
                                                     k_meta, k_dropout, step)
         new_state = ModalImmuneState(
             controller=controller, last_ig=last_ig, curvature=curv, phi=phi, meta_opt=meta_opt,
             cert=cert, meta_skips=meta_skips,
             effective_rank=diagnostics_step(state, z, target, step))
+        aux = {k: v for k, v in aux.items() if k != "branch_task_loss"}
         meas = {**aux, "loss": total, "destructive_loss": destructive,
                 "effective_rank_target": new_state.effective_rank,
                 # How often each modality was collapsed in this batch, and how many per example.
-                **{f"target_rate/{m}": jnp.mean(target[:, i]) for i, m in enumerate(mods)},
-                "num_targets": jnp.mean(jnp.sum(target, axis=1)),
+                **{f"target_rate/{m}": jnp.mean(target[..., i]) for i, m in enumerate(mods)},
+                "num_targets": jnp.mean(jnp.sum(target, axis=-1)),
                 "meta_skips": meta_skips,
                 "reg_weight": jnp.exp(phi.log_reg_weight),
                 "rec_weight": jnp.exp(phi.log_rec_weight),

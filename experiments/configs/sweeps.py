@@ -4,6 +4,8 @@ Each set is ``suite -> {variant name: {dotted config field: value}}``. The defau
 cite the sweep tables they come from (results/selection/).
 """
 
+import itertools
+
 
 def methods(suite: str) -> dict:
     """The baselines at their defaults and with the tuning budget each gets (one knob, 2 values)."""
@@ -55,10 +57,36 @@ def every_pattern(suite: str) -> dict:
     }
 
 
+MODALITIES = {"digits": ("left", "right", "down"), "synthetic": ("text", "audio", "vision"),
+              "npz": ("strong", "medium", "weak")}  # npz: the hetero dataset (data_pipelines)
+
+
+def oracle(suite: str) -> dict:
+    """The per-condition specialists (erm on the kept modalities only): the ceiling on valid."""
+
+
+    mods = MODALITIES[suite]
+    out = {}
+    for size in range(len(mods) - 1, 0, -1):
+        for kept in itertools.combinations(mods, size):
+            out["oracle:" + "+".join(kept)] = {"method": "erm", "use_modalities": ",".join(kept)}
+    return out
+
+
+def contenders(suite: str) -> dict:
+    """The baselines and the ModalImmune forms still in the running, with the oracle."""
+    base = methods(suite)
+    every = every_pattern(suite)
+    return {**{k: base[k] for k in ("erm", "moddrop", "moddrop_p0.5", "ogm_ge", "consistency",
+                                     "modalimmune", "modalimmune-none")},
+            **{k: every[k] for k in ("every_uniform", "every_dro", "every_dro_distill_lean")},
+            **oracle(suite)}
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
 
 
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
-          "first_look": first_look}
+          "first_look": first_look, "oracle": oracle, "contenders": contenders}

@@ -246,25 +246,25 @@ class ApplyFns(NamedTuple):
     encode: Any  # (params, batch, *, rng=None) -> z [B, M, d]
     head: Any  # (params, z, mask, *, rng=None) -> (h [B, d_h], predictions)
     reconstruct: Any  # (params, h) -> tuple of [B, D_m]
-    apply: Any  # (params, batch, *, rng=None, interventions=None) -> dict
+    apply: Any  # (params, batch, *, rng=None) -> dict
 
 
-def make_apply_fns(graphdef: nnx.GraphDef, collapse_fn=None) -> ApplyFns:
-    """Builds the pure apply functions for a split :class:`FusionModel`.
+def make_apply_fns(graphdef: nnx.GraphDef) -> ApplyFns:
+    """Builds the pure apply functions for a split :class:`FusionModel` (or a model of your own).
+
+    The model must have ``encode(batch, *, rng=None) -> z [B, M, d]``, ``fuse(z, mask, *,
+    rng=None) -> h [B, d_h]``, ``predict(h) -> preds`` and ``reconstruct(h) -> tuple of [B, D_m]``
+    (README "Your own model").
 
     Args:
       graphdef: from ``nnx.split(model, nnx.Param)``.
-      collapse_fn: ``(Z [B, d], strength, gamma) -> [B, d]``, the collapse operator applied to the
-        target modality's embedding when ``interventions["target"]`` is given (DESIGN.md §3.2).
 
     Returns:
-      :class:`ApplyFns`. ``apply(params, batch, *, rng=None, interventions=None)`` returns a dict
-      with ``z`` ``[B, M, d]`` (after any intervention), ``h`` ``[B, d_h]``, ``preds``
-      (task-shaped) and ``recon`` (tuple of ``[B, D_m]``). ``interventions`` may hold ``target``
-      ``[M]`` float (one-hot, all-zero for a clean step), ``strength`` and ``gamma`` scalars.
-      ``rng`` (a PRNG key) turns on the model's dropout (``config.model.dropout``) for training
-      passes; None, the default, is the deterministic model. ``encode`` and ``head`` take the same
-      keyword.
+      :class:`ApplyFns`. ``apply(params, batch, *, rng=None)`` returns a dict with ``z``
+      ``[B, M, d]``, ``h`` ``[B, d_h]``, ``preds`` (task-shaped) and ``recon`` (tuple of
+      ``[B, D_m]``). ``rng`` (a PRNG key) turns on the model's dropout (``config.model.dropout``)
+      for training passes; None, the default, is the deterministic model. ``encode`` and ``head``
+      take the same keyword.
     """
 
     def encode(params, batch, *, rng=None):
@@ -278,12 +278,9 @@ def make_apply_fns(graphdef: nnx.GraphDef, collapse_fn=None) -> ApplyFns:
     def reconstruct(params, h):
         return nnx.merge(graphdef, params).reconstruct(h)
 
-    def apply(params, batch, *, rng=None, interventions=None):
+    def apply(params, batch, *, rng=None):
         k_encode, k_head = (None, None) if rng is None else jax.random.split(rng)
         z = encode(params, batch, rng=k_encode)
-        if interventions is not None and "target" in interventions:
-            z = collapse_target(z, interventions["target"], interventions["strength"],
-                                interventions["gamma"], collapse_fn=collapse_fn)
         h, preds = head(params, z, batch["mask"], rng=k_head)
         return {"z": z, "h": h, "preds": preds, "recon": reconstruct(params, h)}
 
@@ -316,8 +313,6 @@ def collapse_target(z: jax.Array, target: jax.Array, strength, gamma, *, collaps
     Returns:
       ``[B, M, d]``: ``z`` with the targets' embeddings replaced by their collapse.
     """
-    if collapse_fn is None:
-        raise ValueError("interventions['target'] needs a collapse_fn (make_apply_fns)")
     zm = jnp.moveaxis(z, 1, 0)  # [M, B, d]
     per_example = jnp.ndim(strength) == 1
     # Per example: collapse at strength 1 once, then scale each row's displacement.

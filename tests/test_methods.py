@@ -21,7 +21,6 @@ from modalimmune_jax.methods import Method, make_method
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.methods.modalimmune import ModalImmuneState, null_embeddings
 from modalimmune_jax.model import ApplyFns, create_model, make_apply_fns
-from modalimmune_jax.spectral import spectral_collapse
 from modalimmune_jax.training import step, trainer
 
 
@@ -192,7 +191,7 @@ def test_null_embeddings_equal_the_full_zero_filled_pass(encoder, batch_size):
 
 def _recording_fns(graphdef, records):
     """ApplyFns whose `head` records the presence mask it is given (a seam for the tests)."""
-    fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+    fns = make_apply_fns(graphdef)
 
     def head(params, z, mask, **kwargs):
         # Ordered: the clean branch's call comes first, then the collapsed branch's.
@@ -247,7 +246,7 @@ def test_modalimmune_targets_follow_the_shared_removal_rule(collapse, mask_prob)
 
 def test_modalimmune_state_and_trainer_contract():
     info, config, graphdef, params, batch = _toy()
-    method = make_method("modalimmune", make_apply_fns(graphdef, collapse_fn=spectral_collapse),
+    method = make_method("modalimmune", make_apply_fns(graphdef),
                          info=info, config=config)
     assert isinstance(method, Method)
     assert isinstance(method.transform, optax.GradientTransformationExtraArgs)
@@ -269,5 +268,5 @@ def test_modalimmune_state_and_trainer_contract():
     assert make_method("erm", make_apply_fns(graphdef), info=info, config=config).transform is None
     with config.unlocked():
         config.mi.curvature = False
-    assert make_method("modalimmune", make_apply_fns(graphdef, collapse_fn=spectral_collapse),
+    assert make_method("modalimmune", make_apply_fns(graphdef),
                        info=info, config=config).transform is None

@@ -26,7 +26,6 @@ from data_pipelines import pipeline
 from experiments.configs import default
 from modalimmune_jax.methods.modalimmune import make_modalimmune
 from modalimmune_jax.model import create_model, make_apply_fns
-from modalimmune_jax.spectral import spectral_collapse
 from modalimmune_jax.training import cli, files, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -390,7 +389,7 @@ def toy_meta_step():
     model = create_model(info, config.model, rngs=nnx.Rngs(params=jax.random.key(0)))
     graphdef, params = nnx.split(model, nnx.Param)
     config = _namespace(config.to_dict())
-    method = make_modalimmune(make_apply_fns(graphdef, collapse_fn=spectral_collapse),
+    method = make_modalimmune(make_apply_fns(graphdef),
                               info=info, config=config)
 
     def batch(key):

@@ -60,8 +60,7 @@ def _instrumented(records):
         jax.debug.callback(record, jnp.any(z != 0, axis=-1), mask)
         return real.head(p, z, mask, **kwargs)
 
-    def apply(p, batch, *, rng=None, interventions=None):
-        del interventions
+    def apply(p, batch, *, rng=None):
         z = encode(p, batch, rng=rng)
         h, preds = head(p, z, batch["mask"], rng=rng)
         return {"z": z, "h": h, "preds": preds, "recon": real.reconstruct(p, h)}

@@ -31,7 +31,6 @@ import data_pipelines
 from modalimmune_jax import methods
 from modalimmune_jax.interventions import gate_modalities
 from modalimmune_jax.model import create_model, make_apply_fns
-from modalimmune_jax.spectral import spectral_collapse
 from modalimmune_jax.training import checkpoint, files, summary
 from modalimmune_jax.training import config as config_lib
 from modalimmune_jax.training import mesh as mesh_lib
@@ -128,7 +127,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks = NO_HOO
 
     abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
-    apply_fns = make_apply_fns(graphdef, collapse_fn=spectral_collapse)
+    apply_fns = make_apply_fns(graphdef)
     keep = used_modalities(config, info)
     if not all(keep):  # a specialist: the other modalities are cut off at the input, for good
         apply_fns = gate_modalities(apply_fns, keep, modalities=info.modalities)

@@ -25,12 +25,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from data_pipelines import affect, digits, normalization, npz, storage, synthetic
 from data_pipelines._common import SPLITS, SourceData
@@ -204,7 +204,8 @@ def _open(dataset_cfg, data_dir: str) -> tuple[DatasetInfo, tfds.core.DatasetBui
     config_name, ident = identity(dataset_cfg)
     path = storage.build_path(data_dir, name, config_name)
     if not storage.is_built(path):
-        logging.info("Building %s into %s", name, path)
+        # The one line a first run prints about its data (nothing is downloaded).
+        print(f"preparing {name} → {path} (first run only)", file=sys.stderr, flush=True)
         # All user-facing checks run here, before anything is written to data_dir.
         src = fit_lengths(source.load(dataset_cfg), ident["max_len"])
         src, stats = normalize(src, ident["normalize"])

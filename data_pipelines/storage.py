@@ -12,8 +12,10 @@ Examples keep the source order (``disable_shuffling``), so index i of a split is
 user's file.
 """
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from data_pipelines._common import SPLITS, SourceData
 
@@ -68,6 +71,13 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             ),
         )
 
+    # Nothing is downloaded: the data is already in memory, so no "Downloading and preparing".
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _split_generators(self, dl_manager):
         del dl_manager  # the data is already in memory
         return {split: self._generate_examples(split) for split in SPLITS}
@@ -77,6 +87,33 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         keys = list(self.info.features.keys())
         for i in range(len(arrays["label"])):
             yield i, {k: arrays[k][i] for k in keys}
+
+
+class _NotOurWarning(logging.Filter):
+    """Drops TFDS's warning that our builder config is a custom one: every one of ours is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """A build prints one line of ours (`pipeline`), not TFDS's download banner and bars.
+
+    TFDS's progress bars (splits, examples, shuffling) are off during the build and come back
+    after it; its "custom data configuration" warning is dropped for our own configs only. Real
+    warnings still show.
+    """
+    was_active = tqdm_utils._active  # noqa: SLF001 -- TFDS has no getter for it
+    tqdm_utils.display_progress_bar(False)
+    quiet = _NotOurWarning()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
+        tqdm_utils.display_progress_bar(was_active)
 
 
 def _tensor(x: np.ndarray) -> tfds.features.Tensor:
@@ -127,8 +164,10 @@ def write(
     try:
         config = _Config(name=config_name, version=VERSION, source=source, identity=identity,
                          metadata=metadata)
-        builder = _builder_class(name)(config=config, data_dir=tmp, file_format="array_record")
-        builder.download_and_prepare()
+        with _quiet_tfds():
+            builder = _builder_class(name)(config=config, data_dir=tmp,
+                                           file_format="array_record")
+            builder.download_and_prepare()
         for d in (os.path.dirname(os.path.dirname(final)), os.path.dirname(final)):
             if not os.path.isdir(d):
                 os.mkdir(d)

@@ -69,3 +69,25 @@ def test_split_is_fixed(built, tmp_path):
     again = load_split(cfg, "test", data_dir=str(tmp_path))
     np.testing.assert_array_equal(again["left"], splits["test"]["left"])
     np.testing.assert_array_equal(again["label"], splits["test"]["label"])
+
+
+def test_building_from_scratch_prints_one_truthful_line(tmp_path):
+    """No TFDS download banner, no "custom data configuration" warning, no progress bars: one
+    line of ours on the first build, nothing on the second."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "data_pipelines.build", "--dataset=digits",
+           f"--data_dir={tmp_path / 'd'}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = [x for x in first.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("preparing digits → "), lines
+    assert lines[0].endswith("(first run only)")
+    for noise in ("Downloading", "custom data configuration", "Shuffling", "Generating"):
+        assert noise not in first.stdout + first.stderr, noise
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.strip() == "", again.stderr[-2000:]

@@ -235,7 +235,7 @@ def target_probabilities(
 
 def select_target(
     state: ControllerState,
-    rng: jax.Array,
+    key: jax.Array,
     *,
     p_clean: jax.typing.ArrayLike = 0.2,
     tau: jax.typing.ArrayLike = 1.0,
@@ -252,7 +252,7 @@ def select_target(
 
     Args:
         state: ``ControllerState`` with ``gain_ema`` ``[M]``.
-        rng: a PRNG key.
+        key: a PRNG key.
         p_clean: scalar probability of a clean step.
         tau: scalar softmax temperature ``> 0``.
         max_targets: static int in ``[1, M]``; most modalities collapsed in one step.
@@ -266,10 +266,10 @@ def select_target(
     num_m = state.gain_ema.shape[-1]
     if not 1 <= max_targets <= num_m:
         raise ValueError(f"max_targets must be in [1, {num_m}], got {max_targets}")
-    rng_clean, rng_target, rng_k = jax.random.split(rng, 3)
-    clean = jax.random.bernoulli(rng_clean, p_clean)
-    scores = state.gain_ema / tau + jax.random.gumbel(rng_target, state.gain_ema.shape)
-    k = jax.random.randint(rng_k, (), 1, max_targets + 1)
+    k_clean, k_target, k_count = jax.random.split(key, 3)
+    clean = jax.random.bernoulli(k_clean, p_clean)
+    scores = state.gain_ema / tau + jax.random.gumbel(k_target, state.gain_ema.shape)
+    k = jax.random.randint(k_count, (), 1, max_targets + 1)
     # rank[i] = how many modalities score above i; the k best have rank < k.
     rank = jnp.sum(scores[None, :] > scores[:, None], axis=1)
     targets = (rank < k).astype(jnp.float32)

@@ -39,7 +39,7 @@ PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]
 
 
-def hutchinson_diagonal(f: LossFn, params: PyTree, rng: jax.Array, num_samples: int) -> PyTree:
+def hutchinson_diagonal(f: LossFn, params: PyTree, key: jax.Array, num_samples: int) -> PyTree:
     """Hutchinson estimate of the Hessian diagonal with Rademacher probes.
 
     ``diag(H) ≈ (1/n) Σ_k v_k ⊙ H v_k`` with ``v_k ∈ {-1, +1}^P``. It is unbiased, with per-entry
@@ -49,7 +49,7 @@ def hutchinson_diagonal(f: LossFn, params: PyTree, rng: jax.Array, num_samples: 
     Args:
       f: scalar loss ``f(params) -> [] float``.
       params: any pytree of float arrays (P entries in all).
-      rng: a PRNG key.
+      key: a PRNG key.
       num_samples: ``n``, the number of probes (static int >= 1).
 
     Returns:
@@ -65,7 +65,7 @@ def hutchinson_diagonal(f: LossFn, params: PyTree, rng: jax.Array, num_samples: 
         v = unravel(jax.random.rademacher(key, flat.shape, flat.dtype))
         return optax.tree.add(acc, optax.tree.mul(v, hvp_fn(v))), None
 
-    keys = jax.random.split(rng, num_samples)
+    keys = jax.random.split(key, num_samples)
     total, _ = lax.scan(probe_step, optax.tree.zeros_like(params), keys)
     return optax.tree.scale(1.0 / num_samples, total)
 

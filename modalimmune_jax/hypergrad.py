@@ -45,7 +45,7 @@ def neumann_inverse_hvp(
     damping: jax.typing.ArrayLike = 0.0,
     tol: jax.typing.ArrayLike | None = None,
     key: jax.Array | None = None,
-    power_iters: int = 20,
+    num_lanczos_iters: int = 20,
     spectrum: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
     floor_curvature: bool = False,
     has_aux: bool = False,
@@ -56,7 +56,7 @@ def neumann_inverse_hvp(
     ``x_K = α Σ_{k=0..K} (I - αA)^k v``, computed as the Richardson recursion
     ``x_0 = αv, x_{j+1} = x_j + α (v - A x_j)`` in a `lax.scan` of length K (K HVPs).
     ``lambda_max``/``lambda_min`` are eigenvalue estimates OF ``A`` (so ``lambda_min`` is DESIGN's
-    ``λ_min + μ``), from Lanczos through ``hvp_fn`` (``power_iters`` HVPs) unless ``spectrum`` is
+    ``λ_min + μ``), from Lanczos through ``hvp_fn`` (``num_lanczos_iters`` HVPs) unless ``spectrum`` is
     given; ``alpha=None`` uses ``α = 1/lambda_max``. Certificate, with ``ρ = max(|1 - α
     lambda_min|, |1 - α lambda_max|)``:
       - ``valid``: ``lambda_min > 0`` and ``ρ < 1`` (i.e. ``0 < α < 2/lambda_max``); the series
@@ -67,14 +67,14 @@ def neumann_inverse_hvp(
         inf when ``lambda_min <= 0``.
     Caveat: both bounds use the estimated extremes. Lanczos estimates lie inside the true spectrum,
     so they can understate ``ρ`` (and overstate ``lambda_min``) until they converge; they are exact
-    once ``power_iters`` reaches the dimension and near exact for well-separated extremes. Pass a
-    known ``spectrum`` or more ``power_iters`` where the bound must be rigorous.
+    once ``num_lanczos_iters`` reaches the dimension and near exact for well-separated extremes. Pass a
+    known ``spectrum`` or more ``num_lanczos_iters`` where the bound must be rigorous.
 
     With ``tol``, K is the smallest ``K <= num_terms`` whose a-priori bound is ``<= tol`` (else
     ``num_terms``); the scan keeps its length and skips the steps beyond K, so it stays jit-able
     with a traced ``tol``.
 
-    One `lax.scan` of ``power_iters + num_terms + 1`` steps makes every product (Lanczos, the
+    One `lax.scan` of ``num_lanczos_iters + num_terms + 1`` steps makes every product (Lanczos, the
     Richardson terms, the residual) through ONE call of ``hvp_fn``, so its graph is compiled once.
 
     Args:
@@ -85,7 +85,7 @@ def neumann_inverse_hvp(
       damping: ``μ >= 0``, ``[]`` float.
       tol: optional ``[]`` float tolerance on the a-priori bound (early stop, masked).
       key: PRNG key for the Lanczos start vector; None uses ``PRNGKey(0)``.
-      power_iters: Lanczos iterations for the spectrum estimate (static).
+      num_lanczos_iters: Lanczos iterations for the spectrum estimate (static).
       spectrum: optional known ``(lambda_min, lambda_max)`` of ``A``; skips the Lanczos HVPs.
       floor_curvature: raise ``μ`` by the negative curvature (above); static bool.
       has_aux: ``hvp_fn`` returns ``(H u, aux)``; the ``aux`` of the residual's product (at the
@@ -113,7 +113,7 @@ def neumann_inverse_hvp(
     if spectrum is None:
         key = jax.random.PRNGKey(0) if key is None else key
         v0 = jax.random.normal(key, flat_v.shape, jnp.promote_types(flat_v.dtype, jnp.float32))
-        lanczos = lanczos_init(v0, num_iters=power_iters)
+        lanczos = lanczos_init(v0, num_iters=num_lanczos_iters)
         num_lanczos = lanczos.alphas.shape[0]
         spec = _spectrum(*ritz_extremes(lanczos), damping=damping, alpha=alpha, v=v, tol=tol,
                          num_terms=num_terms, floor_curvature=floor_curvature)
@@ -231,7 +231,7 @@ def implicit_hypergradient(
     damping: jax.typing.ArrayLike = 0.0,
     tol: jax.typing.ArrayLike | None = None,
     key: jax.Array | None = None,
-    power_iters: int = 20,
+    num_lanczos_iters: int = 20,
     spectrum: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
     floor_curvature: bool = False,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
@@ -248,7 +248,7 @@ def implicit_hypergradient(
       outer_loss: ``params -> [] float``, the validation loss ``L_out(θ)``.
       params: ``θ``, a pytree of float arrays.
       meta: ``φ``, a pytree of float arrays (continuous meta-parameters).
-      alpha, num_terms, damping, tol, key, power_iters, spectrum, floor_curvature: as in
+      alpha, num_terms, damping, tol, key, num_lanczos_iters, spectrum, floor_curvature: as in
         `neumann_inverse_hvp`.
 
     Returns:
@@ -270,7 +270,7 @@ def implicit_hypergradient(
         damping=damping,
         tol=tol,
         key=key,
-        power_iters=power_iters,
+        num_lanczos_iters=num_lanczos_iters,
         spectrum=spectrum,
         floor_curvature=floor_curvature,
         has_aux=True,

@@ -143,13 +143,13 @@ def lanczos_tridiagonal(
 
 
 def extreme_eigenvalues_from_hvp(
-    hvp_fn: HvpFn, example: PyTree, *, key: jax.Array, iters: int
+    hvp_fn: HvpFn, example: PyTree, *, key: jax.Array, num_iters: int
 ) -> tuple[jax.Array, jax.Array]:
     """Largest and smallest eigenvalue of a symmetric operator given as a pytree matvec.
 
     Lanczos (`lanczos_tridiagonal`) on the raveled operator ``x -> ravel(hvp_fn(unravel(x)))``,
-    then ``eigvalsh`` of the ``iters x iters`` tridiagonal matrix. The estimates lie inside the
-    true spectrum (``lam_max <= λ_max``, ``lam_min >= λ_min``) and are exact once ``iters`` reaches
+    then ``eigvalsh`` of the ``num_iters x num_iters`` tridiagonal matrix. The estimates lie inside the
+    true spectrum (``lam_max <= λ_max``, ``lam_min >= λ_min``) and are exact once ``num_iters`` reaches
     the dimension; for well-separated extremes a few tens of iterations suffice. The spectral
     radius is ``max(|lam_max|, |lam_min|)``.
 
@@ -158,8 +158,9 @@ def extreme_eigenvalues_from_hvp(
       example: a pytree with the structure, shapes and dtypes of the operator's input (its values
         are not used).
       key: PRNG key for the random start vector.
-      iters: number of Lanczos iterations (static; clipped to the dimension). Costs ``iters``
-        HVPs plus ``O(iters² · P)`` for reorthogonalisation, and ``iters · P`` floats of memory.
+      num_iters: number of Lanczos iterations (static; clipped to the dimension). Costs
+        ``num_iters`` HVPs plus ``O(num_iters² · P)`` for reorthogonalisation, and
+        ``num_iters · P`` floats of memory.
 
     Returns:
       ``(lam_max, lam_min)``: algebraic largest and smallest eigenvalue estimates, ``[]`` float
@@ -173,14 +174,14 @@ def extreme_eigenvalues_from_hvp(
         return ravel_pytree(hvp_fn(unravel(x.astype(flat.dtype))))[0]
 
     v0 = jax.random.normal(key, flat.shape, jnp.promote_types(flat.dtype, jnp.float32))
-    alphas, betas = lanczos_tridiagonal(flat_matvec, v0, num_iters=iters)
+    alphas, betas = lanczos_tridiagonal(flat_matvec, v0, num_iters=num_iters)
     tridiag = jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
     ritz = jnp.linalg.eigvalsh(tridiag)
     return ritz[-1], ritz[0]
 
 
 def extreme_eigenvalues(
-    f: LossFn, params: PyTree, rng: jax.Array, iters: int
+    f: LossFn, params: PyTree, key: jax.Array, num_iters: int
 ) -> tuple[jax.Array, jax.Array]:
     """Largest and smallest eigenvalue of the Hessian of a scalar loss (true Hessian, via HVPs).
 
@@ -191,10 +192,11 @@ def extreme_eigenvalues(
     Args:
       f: scalar loss ``f(params) -> [] float``.
       params: any pytree of float arrays.
-      rng: PRNG key.
-      iters: number of Lanczos iterations (static).
+      key: PRNG key.
+      num_iters: number of Lanczos iterations (static).
 
     Returns:
       ``(lam_max, lam_min)``, ``[]`` float each.
     """
-    return extreme_eigenvalues_from_hvp(linearized_hvp(f, params), params, key=rng, iters=iters)
+    return extreme_eigenvalues_from_hvp(linearized_hvp(f, params), params, key=key,
+                                        num_iters=num_iters)

@@ -81,15 +81,15 @@ def masked_mean(x: jax.Array, time_mask: jax.Array) -> jax.Array:
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
 
-    Identity when ``rng`` is None or ``rate`` is 0 (a static Python float), so deterministic
+    Identity when ``key`` is None or ``rate`` is 0 (a static Python float), so deterministic
     callers pay nothing and draw nothing.
     """
-    if rng is None or rate == 0.0:
+    if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 

@@ -47,7 +47,7 @@ def _tiny_run(tmp, *, meta):
         # the slow one on CPU: CI leaves it out of the step; the slow test keeps it, at small K.
         config.mi.ig_every, config.mi.curv_every, config.mi.meta_every = 2, 3, 4
         config.mi.meta = meta
-        config.mi.neumann_terms, config.mi.power_iters = 2, 2
+        config.mi.neumann_terms, config.mi.num_lanczos_iters = 2, 2
     # The loop is timed for erm only here (each timed loop is a whole trainer run).
     result = benchmark.run_benchmark(config, data_dir=str(tmp), repeats=1, calls=1,
                                      pipeline_batches=3, hypergrad_terms=(1, 2), loop_steps=20,

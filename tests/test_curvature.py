@@ -138,7 +138,7 @@ def test_extreme_eigenvalues_from_hvp_breakdown(x64):
     # Krylov space of dimension 2 (two distinct eigenvalues): Lanczos must restart, not NaN.
     a = jnp.asarray(_random_spectrum_matrix(np.array([2.0] * 4 + [-1.0] * 4), seed=6))
     lam_max, lam_min = extreme_eigenvalues_from_hvp(
-        lambda v: {"x": a @ v["x"]}, {"x": jnp.zeros(8)}, key=jax.random.PRNGKey(1), iters=20
+        lambda v: {"x": a @ v["x"]}, {"x": jnp.zeros(8)}, key=jax.random.PRNGKey(1), num_iters=20
     )
     np.testing.assert_allclose([lam_max, lam_min], [2.0, -1.0], rtol=1e-10)
 

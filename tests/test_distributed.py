@@ -62,7 +62,7 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
     step = 4 if meta else 0
     config, (info, data_dir, build_model, apply_fns) = _tiny_setup(
         "modalimmune", workdir, meta=meta, ig_every=4, curv_every=4, meta_every=4,
-        neumann_terms=3, power_iters=3)
+        neumann_terms=3, num_lanczos_iters=3)
     method = methods.make_method("modalimmune", apply_fns, info=info, config=config)
     params = nnx.state(build_model(jax.random.key(1)), nnx.Param)
     extra = method.init(params)

@@ -37,7 +37,7 @@ def _dense_neumann(a, v, alpha, damping, tol, *, num_terms):
         num_terms=num_terms,
         damping=damping,
         tol=tol,
-        power_iters=N,
+        num_lanczos_iters=N,
     )
 
 
@@ -84,7 +84,7 @@ def test_neumann_damping_and_pytree(x64):
         return {"a": out[:4], "b": out[4:].reshape(2, 2)}
 
     solve = jax.jit(
-        lambda v: neumann_inverse_hvp(hvp_fn, v, num_terms=60, damping=mu, power_iters=8)
+        lambda v: neumann_inverse_hvp(hvp_fn, v, num_terms=60, damping=mu, num_lanczos_iters=8)
     )
     x, cert = solve(v)
     flat_v = np.concatenate([np.asarray(v["a"]), np.asarray(v["b"]).ravel()])
@@ -120,7 +120,7 @@ def test_neumann_curvature_floor_solves_the_shifted_system(x64):
     h = _spd(np.concatenate([[-1.0], np.linspace(0.5, 3.0, N - 1)]), seed=4)
     v = np.random.default_rng(3).normal(size=N)
     x, cert = jax.jit(lambda v: neumann_inverse_hvp(
-        lambda u: jnp.asarray(h) @ u, v, num_terms=400, damping=0.1, power_iters=N,
+        lambda u: jnp.asarray(h) @ u, v, num_terms=400, damping=0.1, num_lanczos_iters=N,
         floor_curvature=True))(jnp.asarray(v))
     assert cert["valid"]
     np.testing.assert_allclose(cert["damping"], 1.1, rtol=1e-9)
@@ -129,7 +129,7 @@ def test_neumann_curvature_floor_solves_the_shifted_system(x64):
     assert err <= cert["bound"] * (1 + 1e-9) and cert["bound"] < 1e-2
     # Positive definite already: the floor leaves μ alone.
     _, cert = neumann_inverse_hvp(lambda u: jnp.asarray(_spd(EIGS)) @ u, jnp.asarray(v),
-                                  num_terms=3, damping=0.5, power_iters=N, floor_curvature=True)
+                                  num_terms=3, damping=0.5, num_lanczos_iters=N, floor_curvature=True)
     np.testing.assert_allclose(cert["damping"], 0.5, rtol=1e-12)
 
 
@@ -216,7 +216,7 @@ def test_implicit_hypergradient_ridge(x64):
     for num_terms in (100, 3):
         hypergrad, cert = jax.jit(
             lambda p, m, k=num_terms: implicit_hypergradient(
-                inner_loss, outer_loss, p, m, num_terms=k, power_iters=5, key=jax.random.PRNGKey(0)
+                inner_loss, outer_loss, p, m, num_terms=k, num_lanczos_iters=5, key=jax.random.PRNGKey(0)
             )
         )(params, meta)
         assert set(hypergrad) == {"log_penalty"} and hypergrad["log_penalty"].shape == ()

@@ -25,7 +25,7 @@ def _build(task="classification", encoder="mlp", fusion="concat", num_classes=3)
                                          num_heads=2))
     model = create_model(info, cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
     graphdef, params = nnx.split(model, nnx.Param)
-    return make_apply_fns(graphdef, collapse_fn=lambda z, s, g: jnp.zeros_like(z)), params
+    return make_apply_fns(graphdef), params
 
 
 def _batch(b=4, seed=0):

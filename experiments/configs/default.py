@@ -227,7 +227,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Raise the damping by the negative curvature Lanczos finds (hypergrad.neumann_inverse_hvp):
     # away from an optimum H is indefinite and a fixed damping leaves the series divergent.
     config.mi.floor_curvature = True
-    config.mi.power_iters = 10
+    # Lanczos iterations for the spectrum the certificate needs.
+    config.mi.num_lanczos_iters = 10
+    # Deprecated: config.mi.num_lanczos_iters (it counts Lanczos, not power, iterations).
+    config.mi.power_iters = None
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256

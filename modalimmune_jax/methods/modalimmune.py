@@ -341,7 +341,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 lambda p, f: objective(p, batch, f, hit, k_dropout)[0][0],
                 lambda p: robust_val_loss(p, meta_batch), params, phi,
                 num_terms=mi.neumann_terms, damping=mi.damping, key=key,
-                power_iters=mi.power_iters, floor_curvature=mi.floor_curvature)
+                num_lanczos_iters=mi.num_lanczos_iters, floor_curvature=mi.floor_curvature)
             ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
                                                  for x in jax.tree.leaves(hg)]))
             upd, new_opt = meta_tx.update(hg, meta_opt, phi)

@@ -282,7 +282,7 @@ def time_hypergrad_compile(bench, terms=HYPERGRAD_TERMS):
     for k in terms:
         fn = jax.jit(lambda p, f, k=k: hypergrad.implicit_hypergradient(
             inner, lambda q: bench.clean_task(q, meta_batch), p, f, num_terms=k,
-            damping=mi.damping, key=jax.random.key(0), power_iters=mi.power_iters))
+            damping=mi.damping, key=jax.random.key(0), num_lanczos_iters=mi.num_lanczos_iters))
         start = time.perf_counter()
         fn.lower(bench.params, phi).compile()
         out[str(k)] = time.perf_counter() - start
@@ -351,7 +351,7 @@ def run_benchmark(config, *, data_dir, repeats, calls, pipeline_batches, loop_st
         "num_params": int(sum(x.size for x in jax.tree.leaves(bench.params))),
         "amortization": {k: config.mi[k] for k in (
             "controller", "curvature", "meta", "ig_every", "curv_every", "meta_every",
-            "neumann_terms", "power_iters", "curv_probes")},
+            "neumann_terms", "num_lanczos_iters", "curv_probes")},
         "repeats": repeats, "step_s": {}, "first_call_s": {},
     }
     for name in methods_to_time:

@@ -20,7 +20,7 @@ RESUMABLE_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
 # Config fields that name a file or folder: resolved to absolute paths at the CLI boundary.
 PATH_FIELDS = ("dataset.path", "dataset.data_dir")
 # Old name -> new name. The old name keeps working for one release, with a warning.
-DEPRECATED_FIELDS = {"mi.mask_prob": "removal.mask_prob"}
+DEPRECATED_FIELDS = {"mi.mask_prob": "removal.mask_prob", "mi.power_iters": "mi.num_lanczos_iters"}
 MAX_SEED = 2**32 - 1
 
 
@@ -160,7 +160,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
     if config.mi.quantile is not None:  # None damps every entry (curvature_mask.curvature_mask)
         _in_range(config, "mi.quantile", 0, 1)
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",
-                 "mi.power_iters"):
+                 "mi.num_lanczos_iters"):
         _positive_int(config, name)
     _one_of(config, "mi.anchor", ("null", "mean"))
     _one_of(config, "mi.controller_mode", ("modality", "pattern"))

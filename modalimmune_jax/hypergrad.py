@@ -56,8 +56,8 @@ def neumann_inverse_hvp(
     ``x_K = α Σ_{k=0..K} (I - αA)^k v``, computed as the Richardson recursion
     ``x_0 = αv, x_{j+1} = x_j + α (v - A x_j)`` in a `lax.scan` of length K (K HVPs).
     ``lambda_max``/``lambda_min`` are eigenvalue estimates OF ``A`` (so ``lambda_min`` is DESIGN's
-    ``λ_min + μ``), from Lanczos through ``hvp_fn`` (``num_lanczos_iters`` HVPs) unless ``spectrum`` is
-    given; ``alpha=None`` uses ``α = 1/lambda_max``. Certificate, with ``ρ = max(|1 - α
+    ``λ_min + μ``), from Lanczos through ``hvp_fn`` (``num_lanczos_iters`` HVPs) unless
+    ``spectrum`` is given; ``alpha=None`` uses ``α = 1/lambda_max``. Certificate, with ``ρ = max(|1 - α
     lambda_min|, |1 - α lambda_max|)``:
       - ``valid``: ``lambda_min > 0`` and ``ρ < 1`` (i.e. ``0 < α < 2/lambda_max``); the series
         diverges along any direction where it fails (e.g. negative curvature beyond ``μ``);
@@ -67,8 +67,8 @@ def neumann_inverse_hvp(
         inf when ``lambda_min <= 0``.
     Caveat: both bounds use the estimated extremes. Lanczos estimates lie inside the true spectrum,
     so they can understate ``ρ`` (and overstate ``lambda_min``) until they converge; they are exact
-    once ``num_lanczos_iters`` reaches the dimension and near exact for well-separated extremes. Pass a
-    known ``spectrum`` or more ``num_lanczos_iters`` where the bound must be rigorous.
+    once ``num_lanczos_iters`` reaches the dimension and near exact for well-separated extremes.
+    Pass a known ``spectrum`` or more ``num_lanczos_iters`` where the bound must be rigorous.
 
     With ``tol``, K is the smallest ``K <= num_terms`` whose a-priori bound is ``<= tol`` (else
     ``num_terms``); the scan keeps its length and skips the steps beyond K, so it stays jit-able

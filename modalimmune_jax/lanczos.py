@@ -148,10 +148,10 @@ def extreme_eigenvalues_from_hvp(
     """Largest and smallest eigenvalue of a symmetric operator given as a pytree matvec.
 
     Lanczos (`lanczos_tridiagonal`) on the raveled operator ``x -> ravel(hvp_fn(unravel(x)))``,
-    then ``eigvalsh`` of the ``num_iters x num_iters`` tridiagonal matrix. The estimates lie inside the
-    true spectrum (``lam_max <= λ_max``, ``lam_min >= λ_min``) and are exact once ``num_iters`` reaches
-    the dimension; for well-separated extremes a few tens of iterations suffice. The spectral
-    radius is ``max(|lam_max|, |lam_min|)``.
+    then ``eigvalsh`` of the ``num_iters x num_iters`` tridiagonal matrix. The estimates lie
+    inside the true spectrum (``lam_max <= λ_max``, ``lam_min >= λ_min``) and are exact once
+    ``num_iters`` reaches the dimension; for well-separated extremes a few tens of iterations
+    suffice. The spectral radius is ``max(|lam_max|, |lam_min|)``.
 
     Args:
       hvp_fn: ``v -> H v``, pytree to pytree, linear and symmetric.

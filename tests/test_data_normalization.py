@@ -15,10 +15,10 @@ import pytest
 from sklearn.preprocessing import StandardScaler
 
 from data_pipelines import hetero, load_split, pipeline, prepare
-from modalimmune_jax.training import config as config_lib
 from experiments.configs import default
 from modalimmune_jax import methods
 from modalimmune_jax.interventions import drop_modalities
+from modalimmune_jax.training import config as config_lib
 
 
 def _npz_cfg(path, **kw):

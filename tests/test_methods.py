@@ -169,8 +169,9 @@ def _toy(encoder="mlp", batch_size=16, seed=0):
     return info, config, graphdef, params, batch
 
 
-@pytest.mark.parametrize("encoder,batch_size", [("mlp", 16), ("conv", 16), ("transformer", 16),
-                                                ("mlp", 4)])
+@pytest.mark.parametrize("encoder,batch_size", [
+    ("mlp", 16), ("conv", 16), ("transformer", 4), ("mlp", 4),
+    pytest.param("transformer", 16, marks=pytest.mark.slow)])
 def test_null_embeddings_equal_the_full_zero_filled_pass(encoder, batch_size):
     # One row per possible length (or, with B <= T, the whole batch) against the encoder on the
     # whole zero-filled batch, with varied, zero and out-of-range lengths.

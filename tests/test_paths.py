@@ -52,7 +52,8 @@ def test_train_evaluate_unlearn_with_user_paths(tmp_path, case):
     args = [f"--config={CONFIG}:npz,tiny", f"--config.dataset.path={data_arg}",
             f"--workdir={workdir_arg}", "--config.num_steps=6", "--config.checkpoint_every=3",
             "--config.eval_every=3", "--config.log_every=3", "--config.batch_size=16",
-            "--config.eval.batch_size=32"]
+            "--config.eval.batch_size=32",
+            "--config.eval.protocol=full"]  # the paths are under test, not the evaluation
     out = _run(["experiments.train", *args], cwd=cwd, home=home)
     workdir = os.path.join(home if workdir_arg.startswith("~") else cwd,
                            workdir_arg.removeprefix("~/"))

@@ -29,6 +29,7 @@ def _steps(workdir):
         return [r["step"] for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow  # CI: test_reliability kills runs at three points and resumes them
 def test_kill_and_resume_continues_the_step(tmp_path):
     workdir = str(tmp_path / "run")
     args = ["experiments.train", f"--config={CONFIG}:digits,tiny", f"--workdir={workdir}",

@@ -83,10 +83,38 @@ def contenders(suite: str) -> dict:
             **oracle(suite)}
 
 
+def stress(suite: str) -> dict:
+    """Each mechanism with and without, in the setting where it is supposed to pay (issue 13).
+
+    - meta: phi mis-set (strength 0.3, regularizer weight 10, reconstruction weight 10), with
+      meta-updates often and large enough for phi to travel back (every 10 steps, lr 0.1);
+    - curvature: a destructive branch that can destabilise training (collapse weight 5, lr 4x);
+    - regularizer: DESIGN's partial, spectrum-adaptive collapse (strength 0.9, gamma 1), where
+      the collapsed embedding keeps energy for R to act on;
+    - controller: pattern arms with Group-DRO weights against the uniform draw.
+    """
+    del suite
+    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    misset = {"mi.strength": 0.3, "mi.reg_weight": 10.0, "loss.reconstruction": 10.0,
+              "mi.meta_every": 10, "mi.meta_lr": 0.1}
+    lr = {"optimizer.lr": 2e-2, "mi.collapse_weight": 5.0}
+    partial = {"mi.strength": 0.9, "mi.gamma": 1.0}
+    pattern = {"mi.controller_mode": "pattern", "mi.uniform": 0.2}
+    return {
+        "meta_misset": {**mi(), **misset}, "meta_misset-no_meta": {**mi(meta=False), **misset},
+        "curv_stress": {**mi(), **lr}, "curv_stress-no_curvature": {**mi(curvature=False), **lr},
+        "reg_partial": {**mi(), **partial},
+        "reg_partial-no_regularizer": {**mi(regularizer=False), **partial},
+        "ctrl_pattern": {**mi(), **pattern},
+        "ctrl_pattern-no_controller": {**mi(controller=False), **pattern},
+    }
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
 
 
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
-          "first_look": first_look, "oracle": oracle, "contenders": contenders}
+          "first_look": first_look, "oracle": oracle, "contenders": contenders,
+          "stress": stress}

@@ -57,8 +57,8 @@ def neumann_inverse_hvp(
     ``x_0 = αv, x_{j+1} = x_j + α (v - A x_j)`` in a `lax.scan` of length K (K HVPs).
     ``lambda_max``/``lambda_min`` are eigenvalue estimates OF ``A`` (so ``lambda_min`` is DESIGN's
     ``λ_min + μ``), from Lanczos through ``hvp_fn`` (``num_lanczos_iters`` HVPs) unless
-    ``spectrum`` is given; ``alpha=None`` uses ``α = 1/lambda_max``. Certificate, with ``ρ = max(|1 - α
-    lambda_min|, |1 - α lambda_max|)``:
+    ``spectrum`` is given; ``alpha=None`` uses ``α = 1/lambda_max``. Certificate, with
+    ``ρ = max(|1 - α lambda_min|, |1 - α lambda_max|)``:
       - ``valid``: ``lambda_min > 0`` and ``ρ < 1`` (i.e. ``0 < α < 2/lambda_max``); the series
         diverges along any direction where it fails (e.g. negative curvature beyond ``μ``);
       - ``bound``: a-priori ``‖x_K - A^{-1}v‖ <= α ρ^{K+1}/(1 - ρ) ‖v‖``, inf when not valid;

@@ -2,11 +2,12 @@
 
 Each is a `base.Method` (``init``, ``grads``, an optional optimizer ``transform``); the trainer
 applies its gradient with one shared optimizer, non-finite guard, sharding and checkpointing. A
-new method is a module here, an entry in `FACTORIES`, a config block and a test
-(docs/architecture.md).
+new method is a module here, an entry in `FACTORIES` (and in `CONFIG_CHECKS` if its config
+block has rules), a config block and a test (docs/architecture.md).
 """
 
-from modalimmune_jax.methods.base import Method, loss_method
+from modalimmune_jax.methods import ogm_ge
+from modalimmune_jax.methods.base import Method, check_number, loss_method
 from modalimmune_jax.methods.baselines import (
     make_consistency_loss,
     make_erm_loss,
@@ -23,8 +24,17 @@ FACTORIES = {
     "modalimmune": make_modalimmune,
 }
 METHODS = tuple(FACTORIES)
+# Each method's check of its own config block (raises ValueError naming the field). Every block
+# is checked whatever config.method is, so a bad value never waits for the run that uses it.
+CONFIG_CHECKS = {"ogm_ge": ogm_ge.check_config}
 # Methods that remove or rebalance modalities: meaningless with a single one.
 MULTIMODAL_ONLY = ("moddrop", "ogm_ge", "modalimmune")
+
+
+def check_config(config) -> None:
+    """Runs every method's `CONFIG_CHECKS` entry on `config`."""
+    for check in CONFIG_CHECKS.values():
+        check(config)
 
 
 def make_method(name, apply_fns, *, info, config) -> Method:
@@ -34,4 +44,5 @@ def make_method(name, apply_fns, *, info, config) -> Method:
     return FACTORIES[name](apply_fns, info=info, config=config)
 
 
-__all__ = ["FACTORIES", "METHODS", "MULTIMODAL_ONLY", "Method", "loss_method", "make_method"]
+__all__ = ["CONFIG_CHECKS", "FACTORIES", "METHODS", "MULTIMODAL_ONLY", "Method", "check_config",
+           "check_number", "loss_method", "make_method"]

@@ -21,6 +21,18 @@ from typing import Any, NamedTuple
 import jax
 
 
+def check_number(name: str, value, lo=None, hi=None, *, lo_open=False, hi_open=False) -> None:
+    """Raises ValueError unless `value` is a real number in the interval; the message names
+    ``config.<name>``. Config validation and the methods' own config blocks share it."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+        (lo is None or (value > lo if lo_open else value >= lo))
+        and (hi is None or (value < hi if hi_open else value <= hi)))
+    if not ok:
+        interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                    f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+        raise ValueError(f"config.{name} must be a number in {interval}, got {value!r}")
+
+
 class Method(NamedTuple):
     """A training method: its state initializer, its gradient function, its optimizer transform."""
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from modalimmune_jax import losses
 from modalimmune_jax.interventions import remove_for_training
-from modalimmune_jax.methods.base import Method
+from modalimmune_jax.methods.base import Method, check_number
 from modalimmune_jax.methods.baselines import supervised_loss
 
 # The official code's guards: in the ratio's denominator (BalanceBenchmark's "prevent OOM") and
@@ -178,6 +178,16 @@ def unimodal_scores(apply_fns, params, batch, *, key: jax.Array, mask_prob, task
                                       regression_loss=regression_loss))
 
     return jax.lax.map(one, only)
+
+
+def check_config(config) -> None:
+    """Raises ValueError naming the first invalid ``config.ogm_ge`` field."""
+    block = config.ogm_ge
+    check_number("ogm_ge.alpha", block.alpha, 0)
+    check_number("ogm_ge.modulation_starts", block.modulation_starts, 0, 1)
+    check_number("ogm_ge.modulation_ends", block.modulation_ends, block.modulation_starts, 1)
+    if not isinstance(block.noise, bool):
+        raise ValueError(f"config.ogm_ge.noise must be True or False, got {block.noise!r}")
 
 
 def make_ogm_ge(apply_fns, *, info, config) -> Method:

@@ -10,6 +10,7 @@ import warnings
 import ml_collections
 
 from data_pipelines import DATASETS
+from modalimmune_jax import methods as methods_lib
 from modalimmune_jax.model import ENCODERS, FUSIONS
 from modalimmune_jax.training.errors import ConfigError
 
@@ -91,14 +92,11 @@ def _positive_int(config, name):
 
 
 def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
-    value = get_field(config, name)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and (
-        (lo is None or (value > lo if lo_open else value >= lo))
-        and (hi is None or (value < hi if hi_open else value <= hi)))
-    if not ok:
-        interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
-                    f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
-        raise ConfigError(f"config.{name} must be a number in {interval}, got {value!r}")
+    try:
+        methods_lib.check_number(name, get_field(config, name), lo, hi, lo_open=lo_open,
+                                 hi_open=hi_open)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _one_of(config, name, choices):
@@ -151,12 +149,10 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
             ("loss.reconstruction", 0, None, True, False)):
         _in_range(config, name, lo, hi, lo_open=lo_open, hi_open=hi_open)
-    _in_range(config, "ogm_ge.alpha", 0, None)
-    _in_range(config, "ogm_ge.modulation_starts", 0, 1)
-    _in_range(config, "ogm_ge.modulation_ends", config.ogm_ge.modulation_starts, 1)
-    if not isinstance(config.ogm_ge.noise, bool):
-        raise ConfigError(f"config.ogm_ge.noise must be True or False, got "
-                          f"{config.ogm_ge.noise!r}")
+    try:  # each method's own block (methods.CONFIG_CHECKS)
+        methods_lib.check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config.mi.quantile is not None:  # None damps every entry (curvature_mask.curvature_mask)
         _in_range(config, "mi.quantile", 0, 1)
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("data_pipelines", "modalimmune_jax", "experiments")
 BINARIES = {"experiments.train", "experiments.evaluate", "experiments.reproduce",
             "experiments.unlearn", "experiments.benchmark", "experiments.bench_hvp",
+            "experiments.sweep",
             "data_pipelines.build", "data_pipelines.hetero"}
 
 

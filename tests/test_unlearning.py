@@ -249,6 +249,8 @@ def trained(tmp_path_factory):
         # The final robustness protocol (tested in test_train) compiles dozens of programs;
         # these tests need only the checkpoint.
         config.eval.protocol = "full"
+        # The digits preset's encoder (tiny switches to the MLP): MANU prunes its conv layer too.
+        config.model.encoder = "conv"
     workdir = str(tmp_path_factory.mktemp("unl") / "erm")
     trainer.train_and_evaluate(config, workdir)
     return workdir
@@ -284,7 +286,7 @@ def test_method_writes_unlearn_json(trained, tmp_path, method):
     if method == "manu":
         layers = result["details"]["layers"]
         # tiny: d = 16 neurons per layer, 20% -> round(3.2) = 3 zeroed in each of the digits
-        # preset's conv encoder's layers (proj, conv, out).
+        # preset's conv encoder's layers (proj, conv, out; the fixture keeps the conv encoder).
         assert {k: v["pruned"] for k, v in layers.items()} == {"proj": 3, "conv": 3, "out": 3}
 
 

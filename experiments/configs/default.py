@@ -179,6 +179,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The controller's arms: "modality" (DESIGN.md §3.1: up to max_targets modalities drawn from
     # softmax(G_m / tau)) or "pattern" (one of the 2^M - 2 removal patterns per example, from
     # softmax(G_S / tau) over each pattern's gain: Group-DRO weights on the test conditions).
+    # Kept "modality" on digits VALID (1500 steps, seeds 0-1, missing Avg zero / mask): modality
+    # 94.8 / 95.0; pattern 93.7 / 94.3, with distillation 94.2 / 94.3; every pattern per step
+    # 94.9 / 94.8 (seed 0); moddrop 94.9 / 94.8 (results/selection/digits_first_look.md). Under
+    # stress (500 steps, 3 seeds) pattern + DRO beat uniform patterns by +0.6 / +0.3, under one
+    # pooled std (results/selection/digits_stress.md).
     config.mi.controller_mode = "modality"
     # Pattern mode: the share of the uniform distribution mixed into the draw.
     config.mi.uniform = 0.0
@@ -219,6 +224,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mi.mask_mode = "soft"
     config.mi.mask_beta = 1.0
     # Certified Neumann hypergradient on the meta-parameters (§3.4).
+    # Under stress (digits VALID, phi mis-set to strength 0.3 and weights 10, meta every 10 steps
+    # at lr 0.1) the meta-update raised the strength to ~0.93 but the loss weights to 280-640,
+    # and cost 18 points of missing Avg (docs/results.md); at these defaults it barely moves phi.
     config.mi.meta = True
     config.mi.meta_every = 50
     config.mi.meta_lr = 0.05

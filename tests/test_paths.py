@@ -74,6 +74,8 @@ def test_train_evaluate_unlearn_with_user_paths(tmp_path, case):
     again = _run(["experiments.train", *abs_args], cwd=elsewhere, home=home)
     assert "resumed from step 6" in again.stderr
 
+    if case != "relative_space_non_ascii":
+        return  # evaluate and unlearn resolve their paths with the same function: one case
     _run(["experiments.evaluate", f"--workdir={workdir_arg}", "--split=valid"], cwd=cwd,
          home=home)
     assert os.path.exists(os.path.join(workdir, "eval_valid.json"))

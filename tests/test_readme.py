@@ -93,7 +93,8 @@ def test_first_command_runs_as_written_and_resumes(repo_copy):
     assert argv[:3] == ["python", "-m", "experiments.reproduce"], argv
     out = _flag(argv, "out")
     assert not os.path.isabs(out), "the front door writes under the clone (a relative --out)"
-    small = argv + ["--num_steps=30"]  # CI size: the same binary, flags and paths
+    # CI size: the same binary, flags and paths, 30 steps of the preset's tiny form.
+    small = argv + ["--num_steps=30", "--tiny"]
     first = _run(small, repo_copy)
     folder = os.path.join(repo_copy, out)
     with open(os.path.join(folder, "results.json")) as f:

@@ -346,6 +346,7 @@ def test_suite_rerun_resumes_without_training(tiny_suite):
     assert again["unlearning"] == results["unlearning"]
 
 
+@pytest.mark.slow  # CI: test_readme runs the quick suite with its default 2 workers
 def test_workers_give_the_sequential_results(tiny_suite, tmp_path):
     """Two spawned worker processes train what one process trains, to the bit."""
     out, _, _ = tiny_suite

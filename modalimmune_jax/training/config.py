@@ -91,12 +91,17 @@ def _positive_int(config, name):
         raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
 
 
-def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
+def _as_config_error(check, *args, **kwargs):
+    """Runs a methods-layer check; its ValueError (which names the field) becomes a ConfigError."""
     try:
-        methods_lib.check_number(name, get_field(config, name), lo, hi, lo_open=lo_open,
-                                 hi_open=hi_open)
+        check(*args, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _in_range(config, name, lo, hi, *, lo_open=False, hi_open=False):
+    _as_config_error(methods_lib.check_number, name, get_field(config, name), lo, hi,
+                     lo_open=lo_open, hi_open=hi_open)
 
 
 def _one_of(config, name, choices):
@@ -149,10 +154,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
             ("loss.reconstruction", 0, None, True, False)):
         _in_range(config, name, lo, hi, lo_open=lo_open, hi_open=hi_open)
-    try:  # each method's own block (methods.CONFIG_CHECKS)
-        methods_lib.check_config(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _as_config_error(methods_lib.check_config, config)  # each method's block (CONFIG_CHECKS)
     if config.mi.quantile is not None:  # None damps every entry (curvature_mask.curvature_mask)
         _in_range(config, "mi.quantile", 0, 1)
     for name in ("mi.ig_every", "mi.curv_every", "mi.curv_probes", "mi.meta_every",

@@ -294,3 +294,20 @@ def test_collapse_target_per_example_strength_is_each_rows_own_collapse():
             one = collapse_target(z, target, float(strengths[b]), gamma, null=null,
                                   collapse_fn=spectral_collapse)
             np.testing.assert_allclose(rows[b], one[b], atol=2e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_temporal_conv_equals_flax_conv(steps):
+    # The matmul form (issue 15: no XLA:CPU cliff inside HVP loops) against lax.conv itself.
+    from modalimmune_jax.model import temporal_conv
+    conv = nnx.Conv(5, 4, kernel_size=(3,), padding="SAME", rngs=nnx.Rngs(0))
+    conv.bias.value = jnp.arange(4.0)
+    x = jax.random.normal(jax.random.key(1), (2, steps, 5))
+    chex.assert_trees_all_close(temporal_conv(x, conv.kernel.value, conv.bias.value), conv(x),
+                                atol=1e-5)
+    kernel = jax.random.normal(jax.random.key(2), (3, 5, 4))
+    grad = lambda f: jax.grad(lambda k: jnp.sum(jnp.sin(f(k))))(kernel)
+    reference = lambda k: jax.lax.conv_general_dilated(
+        x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+    chex.assert_trees_all_close(grad(lambda k: temporal_conv(x, k, None)), grad(reference),
+                                atol=1e-4)

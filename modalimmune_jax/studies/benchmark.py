@@ -119,15 +119,20 @@ class _Bench:
         tx, _ = step_lib.make_optimizer(config, transform=method.transform)
         init_fn = step_lib.make_init_fn(self.build_model, tx, method)
         state = jax.jit(init_fn, out_shardings=self.replicated)(jax.random.key(config.seed))
-        data = mesh_lib.data_sharding(self.mesh)
-        step = jax.jit(step_lib.make_train_step(method, tx), donate_argnums=(0,),
-                       in_shardings=(self.replicated, data, data, None),
-                       out_shardings=(self.replicated, self.replicated))
+        # The trainer's own jitted step: over the state's leaves (`step.FlatStep`).
+        self.flat = step_lib.jit_flat_step(step_lib.make_train_step(method, tx), state,
+                                           replicated=self.replicated,
+                                           data_sharding=mesh_lib.data_sharding(self.mesh))
         rng_loop = jax.random.key(1)
-        return lambda state, batch, meta_batch: step(state, batch, meta_batch, rng_loop), state
+        return (lambda leaves, batch, meta_batch: self.flat.step(leaves, batch, meta_batch,
+                                                                 rng_loop),
+                self.flat.leaves(state))
 
-    def at_step(self, state, step):
-        return {**state, "step": jax.device_put(jnp.int32(step), self.replicated)}
+    def at_step(self, leaves, step):
+        """The state's leaves with its step counter set to ``step`` (outside the timed spans)."""
+        state = self.flat.state(leaves)
+        return self.flat.leaves({**state, "step": jax.device_put(jnp.int32(step),
+                                                                 self.replicated)})
 
     def clean_task(self, params, batch):
         out = self.apply_fns.apply(params, batch)

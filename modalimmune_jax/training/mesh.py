@@ -33,11 +33,15 @@ def replicated(mesh) -> NamedSharding:
 def make_put_fn(sharding: NamedSharding) -> Callable[[dict], dict]:
     """Host batch (this process's rows) -> global jax arrays sharded like `sharding`.
 
-    One `jax.make_array_from_process_local_data` call for the whole batch pytree, not one per key.
+    One call for the whole batch pytree, not one per key: `jax.device_put` with one process
+    (0.26 ms a digits batch, against 0.61 ms for `jax.make_array_from_process_local_data`, issue
+    15), which several processes need to assemble the global array from their local rows.
     """
 
     def put(batch):
         host = {k: np.asarray(v) for k, v in batch.items()}
+        if jax.process_count() == 1:
+            return jax.device_put(host, sharding)
         return jax.make_array_from_process_local_data(
             {k: sharding for k in host}, host)
 

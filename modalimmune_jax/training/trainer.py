@@ -37,6 +37,7 @@ from modalimmune_jax.training import mesh as mesh_lib
 from modalimmune_jax.training.errors import CheckpointError, ConfigError, TrainingDiverged
 from modalimmune_jax.training.evaluator import Evaluator
 from modalimmune_jax.training.step import (
+    jit_flat_step,
     make_init_fn,
     make_meta_batch,
     make_optimizer,
@@ -254,10 +255,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     best_params = jax.tree.map(jnp.copy, train_state["params"])
 
     # 6. The update step, jitted over global arrays (batch sharded on `data`, params replicated).
-    train_step = jax.jit(make_train_step(method, tx, schedule), donate_argnums=(0,),
-                         # rng_loop: a host-local key (the same on every process), replicated.
-                         in_shardings=(replicated, data_sharding, data_sharding, None),
-                         out_shardings=(replicated, replicated))
+    # Over the state's leaves (`step.FlatStep`): rng_loop is a host-local key, the same on every
+    # process.
+    flat_step = jit_flat_step(make_train_step(method, tx, schedule), abstract_state,
+                              replicated=replicated, data_sharding=data_sharding)
     meta_batch = make_meta_batch(valid_arrays, config.batch_size, put)
 
     # 7. Restore: the workdir's own latest checkpoint, else the configured init or scratch.
@@ -279,8 +280,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     evaluator = make_evaluator(config, built, mesh)
     data_state = train_iter.get_state()
 
+    leaves = flat_step.leaves(train_state)
+    del train_state  # from here on the loop holds its leaves (donated at every step)
+
     def save(step):
-        checkpoint.save(mngr, step, state={"train": train_state, "best_params": best_params},
+        checkpoint.save(mngr, step, state={"train": flat_step.state(leaves),
+                                           "best_params": best_params},
                         data_state=data_state, meta=meta)
 
     # 9. The loop. Batches are read and put on the devices one step ahead, in a thread.
@@ -309,8 +314,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                          dynamic_ncols=True):
             data_state, batch = next(batches)
             profile.before(step)
-            train_state, meas = train_step(train_state, batch, meta_batch, rng_loop)
-            profile.after(step, train_state)
+            leaves, meas = flat_step.step(leaves, batch, meta_batch, rng_loop)
+            profile.after(step, leaves)
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
                 record = _measurements(meas)
@@ -325,11 +330,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                         f"step {done}; the last finite params are checkpointed in {workdir}. "
                         "Lower config.optimizer.lr or check the data for NaN/inf.")
             if done % config.eval_every == 0 or done == config.num_steps:
-                valid = evaluator.full(train_state["params"], valid_arrays)
+                params = flat_step.state(leaves)["params"]
+                valid = evaluator.full(params, valid_arrays)
                 value = evaluator.primary(valid)
                 if evaluator.is_better(value, meta["best_value"]) or not config.eval.keep_best:
                     meta = {"best_value": value, "best_step": done}
-                    best_params = jax.tree.map(jnp.copy, train_state["params"])
+                    best_params = jax.tree.map(jnp.copy, params)
                 if is_main:
                     log_file.write(files.json_line(
                         {"step": done, **{f"valid/{k}": v for k, v in valid.items()},

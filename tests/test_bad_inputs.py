@@ -175,6 +175,8 @@ IN_PROCESS = {
                               ["config.eval.protocol", "'fast'"]),
     "negative_ogm_alpha": (lambda tmp: _config(method="ogm_ge", ogm_ge__alpha=-1.0),
                            ["config.ogm_ge.alpha"]),
+    "meta_params_typo": (lambda tmp: _config(method="modalimmune", mi__meta_params="strenght"),
+                         ["config.mi.meta_params", "'strenght'"]),
     "robust_method_on_one_modality": (
         lambda tmp: _npz(tmp, _delall("zeta"), method="moddrop"),
         ["config.method='moddrop'", "2 modalities", "alpha"]),

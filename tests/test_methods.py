@@ -17,11 +17,13 @@ from data_pipelines import pipeline
 from experiments.configs import default
 from modalimmune_jax.curvature_mask import CurvatureMaskState
 from modalimmune_jax.interventions import drop_modalities
-from modalimmune_jax.methods import Method, make_method
+from modalimmune_jax.methods import METHODS, Method, make_method
 from modalimmune_jax.methods.baselines import prediction_divergence
-from modalimmune_jax.methods.modalimmune import ModalImmuneState, null_embeddings
+from modalimmune_jax.methods.modalimmune import META_PARAMS, ModalImmuneState, null_embeddings
 from modalimmune_jax.model import ApplyFns, create_model, make_apply_fns
 from modalimmune_jax.training import step, trainer
+from modalimmune_jax.training.config import validate_config
+from modalimmune_jax.training.errors import ConfigError
 
 
 def test_prediction_divergence_by_hand():
@@ -271,3 +273,35 @@ def test_modalimmune_state_and_trainer_contract():
         config.mi.curvature = False
     assert make_method("modalimmune", make_apply_fns(graphdef),
                        info=info, config=config).transform is None
+
+
+@pytest.mark.parametrize("meta_params", ["strength", "reg_weight,rec_weight",
+                                         "strength,reg_weight,rec_weight"])
+def test_meta_update_moves_only_the_chosen_components(meta_params):
+    """config.mi.meta_params: a meta-update moves exactly the named components of phi (adam's
+    first step moves each by about meta_lr, so a moved one is far from where it started)."""
+    info, config, graphdef, params, batch = _toy()
+    with config.unlocked():
+        config.mi.update({"meta_params": meta_params, "meta_every": 1, "meta_lr": 0.1,
+                          "curvature": False, "controller": False})
+    method = make_method("modalimmune", make_apply_fns(graphdef), info=info, config=config)
+    state = method.init(params)
+    _, new_state, meas, _ = jax.jit(lambda p, s, b: method.grads(
+        p, s, b, jax.random.key(0), step=jnp.int32(1), meta_batch=b))(params, state, batch)
+    assert int(meas["meta_skips"]) == 0, meas["cert/valid"]
+    chosen = {META_PARAMS[n] for n in meta_params.split(",")}
+    for field in META_PARAMS.values():
+        moved = abs(float(getattr(new_state.phi, field) - getattr(state.phi, field)))
+        if field in chosen:
+            assert moved > 0.05, (field, moved)
+        else:
+            assert moved == 0.0, (field, moved)
+
+
+@pytest.mark.parametrize("value", ["", "strength,strength", "gamma", "strength,,rec"])
+def test_meta_params_typo_is_a_config_error(value):
+    config = default.get_config("digits,tiny")
+    with config.unlocked():
+        config.mi.meta_params = value
+    with pytest.raises(ConfigError, match="mi.meta_params"):
+        validate_config(config, methods=METHODS)

@@ -228,6 +228,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # at lr 0.1) the meta-update raised the strength to ~0.93 but the loss weights to 280-640,
     # and cost 18 points of missing Avg (docs/results.md); at these defaults it barely moves phi.
     config.mi.meta = True
+    # Which components of phi the meta-update moves (comma-separated: strength, reg_weight,
+    # rec_weight); the others stay at their configured values.
+    config.mi.meta_params = "strength,reg_weight,rec_weight"
     config.mi.meta_every = 50
     config.mi.meta_lr = 0.05
     config.mi.neumann_terms = 10

@@ -87,7 +87,8 @@ def stress(suite: str) -> dict:
     """Each mechanism with and without, in the setting where it is supposed to pay (issue 13).
 
     - meta: phi mis-set (strength 0.3, regularizer weight 10, reconstruction weight 10), with
-      meta-updates often and large enough for phi to travel back (every 10 steps, lr 0.1);
+      meta-updates often and large enough for phi to travel back (every 10 steps, lr 0.1); on
+      all of phi and on the strength alone;
     - curvature: a destructive branch that can destabilise training (collapse weight 5, lr 4x);
     - regularizer: DESIGN's partial, spectrum-adaptive collapse (strength 0.9, gamma 1), where
       the collapsed embedding keeps energy for R to act on;
@@ -102,6 +103,8 @@ def stress(suite: str) -> dict:
     pattern = {"mi.controller_mode": "pattern", "mi.uniform": 0.2}
     return {
         "meta_misset": {**mi(), **misset}, "meta_misset-no_meta": {**mi(meta=False), **misset},
+        # The meta-update on the collapse strength alone (the loss weights stay mis-set).
+        "meta_misset_strength": {**mi(meta_params="strength"), **misset},
         "curv_stress": {**mi(), **lr}, "curv_stress-no_curvature": {**mi(curvature=False), **lr},
         "reg_partial": {**mi(), **partial},
         "reg_partial-no_regularizer": {**mi(regularizer=False), **partial},

@@ -6,7 +6,7 @@ new method is a module here, an entry in `FACTORIES` (and in `CONFIG_CHECKS` if 
 block has rules), a config block and a test (docs/architecture.md).
 """
 
-from modalimmune_jax.methods import ogm_ge
+from modalimmune_jax.methods import modalimmune, ogm_ge
 from modalimmune_jax.methods.base import Method, check_number, loss_method
 from modalimmune_jax.methods.baselines import (
     make_consistency_loss,
@@ -26,7 +26,7 @@ FACTORIES = {
 METHODS = tuple(FACTORIES)
 # Each method's check of its own config block (raises ValueError naming the field). Every block
 # is checked whatever config.method is, so a bad value never waits for the run that uses it.
-CONFIG_CHECKS = {"ogm_ge": ogm_ge.check_config}
+CONFIG_CHECKS = {"ogm_ge": ogm_ge.check_config, "modalimmune": modalimmune.check_config}
 # Methods that remove or rebalance modalities: meaningless with a single one.
 MULTIMODAL_ONLY = ("moddrop", "ogm_ge", "modalimmune")
 

@@ -57,6 +57,26 @@ class MetaParams(NamedTuple):
     log_rec_weight: jax.Array
 
 
+# ``config.mi.meta_params`` names -> the `MetaParams` field each one moves.
+META_PARAMS = {"strength": "logit_strength", "reg_weight": "log_reg_weight",
+               "rec_weight": "log_rec_weight"}
+
+
+def parse_meta_params(value: str) -> tuple[str, ...]:
+    """``mi.meta_params`` (comma-separated names of `META_PARAMS`) -> the names; ValueError else."""
+    names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+    unknown = [n for n in names if n not in META_PARAMS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"config.mi.meta_params must be a comma-separated, non-empty subset of "
+                         f"{sorted(META_PARAMS)} without repeats, got {value!r}")
+    return names
+
+
+def check_config(config) -> None:
+    """The ``mi`` block's checks that need this module (ValueError naming the field)."""
+    parse_meta_params(config.mi.meta_params)
+
+
 class Certificate(NamedTuple):
     """The last meta-update's certificate (`hypergrad.neumann_inverse_hvp`), ``[] float32`` each."""
 
@@ -157,6 +177,7 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
     mask_prob = config.removal.mask_prob
     rec_variances = losses.reconstruction_variances(info)
     meta_tx = optax.adam(mi.meta_lr)
+    meta_fields = {META_PARAMS[name] for name in parse_meta_params(mi.meta_params)}
     # Collapsing every modality at once leaves nothing to learn from: at most M - 1 targets.
     max_targets = max(1, min(mi.max_targets, num_m - 1))
     # The controller's arms: the M modalities, or the 2^M - 2 removal patterns.
@@ -342,6 +363,9 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 lambda p: robust_val_loss(p, meta_batch), params, phi,
                 num_terms=mi.neumann_terms, damping=mi.damping, key=key,
                 num_lanczos_iters=mi.num_lanczos_iters, floor_curvature=mi.floor_curvature)
+            # Only the chosen components move (mi.meta_params); the others keep their values.
+            hg = MetaParams(*[g if name in meta_fields else jnp.zeros_like(g)
+                              for name, g in zip(MetaParams._fields, hg, strict=True)])
             ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
                                                  for x in jax.tree.leaves(hg)]))
             upd, new_opt = meta_tx.update(hg, meta_opt, phi)

@@ -111,28 +111,18 @@ class _Bench:
                     config.mi[switch] = False
         return config
 
-    def step_fn(self, method_name):
-        """``(jitted donated step, initial train_state)`` for `method_name`."""
+    def step_fn(self, method_name) -> "_TimedStep":
+        """The trainer's jitted step for `method_name` (over the state's leaves, donated)."""
         config = self.method_config(method_name)
         method = methods.make_method(config.method, self.apply_fns, info=self.info,
                                      config=config)
         tx, _ = step_lib.make_optimizer(config, transform=method.transform)
         init_fn = step_lib.make_init_fn(self.build_model, tx, method)
         state = jax.jit(init_fn, out_shardings=self.replicated)(jax.random.key(config.seed))
-        # The trainer's own jitted step: over the state's leaves (`step.FlatStep`).
-        self.flat = step_lib.jit_flat_step(step_lib.make_train_step(method, tx), state,
-                                           replicated=self.replicated,
-                                           data_sharding=mesh_lib.data_sharding(self.mesh))
-        rng_loop = jax.random.key(1)
-        return (lambda leaves, batch, meta_batch: self.flat.step(leaves, batch, meta_batch,
-                                                                 rng_loop),
-                self.flat.leaves(state))
-
-    def at_step(self, leaves, step):
-        """The state's leaves with its step counter set to ``step`` (outside the timed spans)."""
-        state = self.flat.state(leaves)
-        return self.flat.leaves({**state, "step": jax.device_put(jnp.int32(step),
-                                                                 self.replicated)})
+        flat = step_lib.jit_flat_step(step_lib.make_train_step(method, tx), state,
+                                      replicated=self.replicated,
+                                      data_sharding=mesh_lib.data_sharding(self.mesh))
+        return _TimedStep(flat, flat.leaves(state), jax.random.key(1), self.replicated)
 
     def clean_task(self, params, batch):
         out = self.apply_fns.apply(params, batch)
@@ -159,53 +149,82 @@ def _refreshes(mi, step) -> frozenset:
     return frozenset(fired)
 
 
-def time_steps(bench, method_name, *, repeats, calls):
-    """Amortized step time and, for modalimmune, step times by refresh and component costs."""
-    step, state = bench.step_fn(method_name)
-    batches, meta_batch = bench.batches, bench.meta_batch
-    mi = bench.config.mi
-    window = refresh_period(mi) if method_name == "modalimmune" else 20
-    start = refresh_period(mi)  # > 0, so the meta-update fires at its own step as in training
+class _TimedStep:
+    """One method's compiled step and its current state's leaves, stepped on fixed batches."""
 
-    compile_start = time.perf_counter()
-    compiled_state, _ = step(bench.at_step(state, start), batches[0], meta_batch)
-    jax.block_until_ready(compiled_state)
-    compile_s = time.perf_counter() - compile_start
-    state = compiled_state
+    def __init__(self, flat, leaves, rng_loop, replicated):
+        self.flat, self.leaves, self.rng_loop, self.replicated = flat, leaves, rng_loop, replicated
 
-    def window_run():
-        nonlocal state
-        state = bench.at_step(state, start)
+    def at_step(self, step):
+        """Sets the state's step counter (outside the timed spans: it rebuilds the state)."""
+        state = self.flat.state(self.leaves)
+        self.leaves = self.flat.leaves({**state, "step": jax.device_put(jnp.int32(step),
+                                                                        self.replicated)})
+
+    def run(self, batches, meta_batch, num_steps):
+        """Seconds per step over `num_steps` steps, dispatched as the trainer does (async)."""
         t0 = time.perf_counter()
-        for i in range(window):
-            state, meas = step(state, batches[i % len(batches)], meta_batch)
-        jax.block_until_ready((state, meas))
-        return (time.perf_counter() - t0) / window
+        for i in range(num_steps):
+            self.leaves, meas = self.flat.step(self.leaves, batches[i % len(batches)],
+                                               meta_batch, self.rng_loop)
+        jax.block_until_ready((self.leaves, meas))
+        return (time.perf_counter() - t0) / num_steps
 
-    window_run()  # warm-up
-    amortized = statistics.median(window_run() for _ in range(repeats))
-    out = {"step_s": amortized, "window": window, "first_call_s": compile_s}
-    if method_name != "modalimmune":
-        return out
 
-    # The same compiled step at chosen step indices: one with no refresh, one per refresh set.
+def time_steps(bench, method_names, *, repeats, calls):
+    """Amortized step times of every method, and modalimmune's by refresh and component.
+
+    Every method is compiled first; then each repeat runs every method's window in turn, so a
+    change in the machine's speed during the benchmark (a shared host) lands on all methods
+    alike instead of on whichever ran last. Returns ``{name: {"step_s", "window",
+    "first_call_s"}}`` plus, for modalimmune, ``modalimmune_step_s`` and ``components_s``.
+    """
+    mi = bench.config.mi
+    start = refresh_period(mi)  # > 0, so the meta-update fires at its own step as in training
+    timed, out = {}, {}
+    for name in method_names:
+        step = bench.step_fn(name)
+        step.at_step(start)
+        compile_start = time.perf_counter()
+        step.run(bench.batches[:1], bench.meta_batch, 1)
+        out[name] = {"first_call_s": time.perf_counter() - compile_start,
+                     "window": refresh_period(mi) if name == "modalimmune" else 20}
+        timed[name] = step
+
+    def window_run(name):
+        timed[name].at_step(start)
+        return timed[name].run(bench.batches, bench.meta_batch, out[name]["window"])
+
+    samples = {name: [] for name in method_names}
+    for r in range(repeats + 1):  # the first round is a warm-up
+        for name in method_names:
+            t = window_run(name)
+            if r:
+                samples[name].append(t)
+    for name in method_names:
+        out[name]["step_s"] = statistics.median(samples[name])
+    if "modalimmune" in timed:
+        out["modalimmune"].update(_modalimmune_refreshes(bench, timed["modalimmune"], calls))
+    return out
+
+
+def _modalimmune_refreshes(bench, step, calls):
+    """The compiled modalimmune step at chosen step indices: one with no refresh, one per set of
+    refreshes that fire together; and what each refresh adds."""
+    mi = bench.config.mi
+    start = refresh_period(mi)
     by_set = {}
     for s in range(1, 4 * start + 1):
         by_set.setdefault(_refreshes(mi, s), s)
 
     def at(s):
-        nonlocal state
         times = []
         for i in range(calls + 1):  # the first call is a warm-up
-            state = bench.at_step(state, s)
-            t0 = time.perf_counter()
-            state, meas = step(state, batches[i % len(batches)], meta_batch)
-            jax.block_until_ready((state, meas))
-            times.append(time.perf_counter() - t0)
+            step.at_step(s)
+            times.append(step.run(bench.batches[i % len(bench.batches):], bench.meta_batch, 1))
         return statistics.median(times[1:])
 
     step_times = {"+".join(sorted(k)) or "plain": at(s) for k, s in by_set.items()}
-    out["modalimmune_step_s"] = step_times
     components = {}
     for name in ("controller_refresh", "hutchinson_refresh", "meta_update"):
         alone = step_times.get(name)
@@ -216,8 +235,7 @@ def time_steps(bench, method_name, *, repeats, calls):
                                 - step_times["controller_refresh"])
         else:
             components[name] = None  # switched off in the config
-    out["components_s"] = components
-    return out
+    return {"modalimmune_step_s": step_times, "components_s": components}
 
 
 def time_collapse_regularizer(bench, *, repeats):
@@ -359,8 +377,8 @@ def run_benchmark(config, *, data_dir, repeats, calls, pipeline_batches, loop_st
             "neumann_terms", "num_lanczos_iters", "curv_probes")},
         "repeats": repeats, "step_s": {}, "first_call_s": {},
     }
-    for name in methods_to_time:
-        timed = time_steps(bench, name, repeats=repeats, calls=calls)
+    for name, timed in time_steps(bench, methods_to_time, repeats=repeats,
+                                  calls=calls).items():
         result["step_s"][name] = timed["step_s"]
         result["first_call_s"][name] = timed["first_call_s"]
         if name == "modalimmune":

@@ -428,3 +428,22 @@ def test_compare_to_baselines_by_hand():
     assert not cmp["holds"]
     assert tables.compare_to_baselines({"erm": results["erm"]}, metric="acc",
                                           higher_is_better=True) == {}
+
+
+def test_ablation_pairs_and_table_by_hand():
+    names = ["meta", "meta-no_meta", "meta_strength", "curv", "curv-no_curvature", "other"]
+    assert tables.ablation_pairs(names) == [("meta", "meta-no_meta"),
+                                            ("meta_strength", "meta-no_meta"),
+                                            ("curv", "curv-no_curvature")]
+    stat = lambda mean, std: {"acc": {"mean": mean, "std": std}}
+    run = lambda full, zero, mask: {"full": stat(*full), "missing_avg": stat(*zero),
+                                    "missing_avg_mask": stat(*mask)}
+    results = {"_meta": {"runs": ["curv", "curv-no_curvature"]},
+               "curv": run((0.99, 0.0), (0.93, 0.003), (0.92, 0.004)),
+               "curv-no_curvature": run((0.98, 0.0), (0.92, 0.004), (0.93, 0.003))}
+    row = tables.ablation_table(results, metric="acc").splitlines()[2]
+    # zero: +1.0 point over pooled std sqrt((0.3^2 + 0.4^2) / 2) = 0.3536 -> +2.8; mask: -2.8.
+    assert row == ("| curv | 99.0 ± 0.0 / 93.0 ± 0.3 / 92.0 ± 0.4 | curv-no_curvature | "
+                   "98.0 ± 0.0 / 92.0 ± 0.4 / 93.0 ± 0.3 | +1.0 (+2.8) / -1.0 (-2.8) |")
+    assert tables.ablation_table({"_meta": {"runs": ["curv"]}, "curv": results["curv"]},
+                                 metric="acc") == ""

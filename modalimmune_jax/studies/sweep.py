@@ -100,9 +100,15 @@ def sweep_table(results: Mapping) -> str:
               "worst (mask)", "overrides"]
     rows = [row + [", ".join(f"{k}={v}" for k, v in meta["variants"][row[0]].items())]
             for row in tables.compact_rows(results, names=names, metric=metric)]
-    return (f"# Sweep on `{meta['suite']}`, VALID split ({meta['steps']} steps, seeds "
+    text = (f"# Sweep on `{meta['suite']}`, VALID split ({meta['steps']} steps, seeds "
             f"{meta['seeds']}; mean ± std)\n\nRanked by the mean of the two protocols' missing "
             f"Avg. Test was not evaluated.\n\n" + tables.markdown(header, rows) + "\n")
+    ablation = tables.ablation_table(results, metric=metric)
+    if ablation:
+        text += ("\n## With and without each mechanism\n\nEach `X-no_S` variant against the "
+                 "variants named `X...`: the margin of the missing Avg in points (pooled std).\n\n"
+                 + ablation + "\n")
+    return text
 
 
 def sweep_command(suite: str, out: str, **kwargs) -> str:

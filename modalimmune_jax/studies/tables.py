@@ -97,6 +97,58 @@ def aggregate(evals: Mapping[str, Sequence[Mapping]], *, metric: str,
     return out
 
 
+def pooled_margin(a: Mapping[str, float], b: Mapping[str, float], *, sign: float = 1.0
+                  ) -> tuple[float, float, float | None]:
+    """``(margin, pooled_std, margin / pooled_std)`` of stat `a` over stat `b` (``{"mean",
+    "std"}`` each): ``margin = sign (a - b)``, ``pooled_std = sqrt((std_a^2 + std_b^2) / 2)``;
+    the ratio is None when both stds are 0."""
+    margin = float(sign * (a["mean"] - b["mean"]))
+    pooled = float(np.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2))
+    return margin, pooled, (margin / pooled if pooled > 0 else None)
+
+
+def ablation_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(with, without)`` pairs among a sweep's variant names.
+
+    A variant ``"X-no_S"`` is ``X`` without its mechanism ``S``; it is paired with every variant
+    whose name starts with ``X`` and has no ``-no_`` in it (``meta_misset`` and
+    ``meta_misset_strength`` both against ``meta_misset-no_meta``), in the order of `names`.
+    """
+    pairs = []
+    for without in names:
+        if "-no_" not in without:
+            continue
+        base = without.split("-no_")[0]
+        pairs += [(w, without) for w in names if w.startswith(base) and "-no_" not in w]
+    return pairs
+
+
+def ablation_table(results: Mapping, *, metric: str) -> str:
+    """Markdown: each `ablation_pairs` pair's full metric and missing Avg under both protocols,
+    with and without, and the Avg's margin in points and in pooled std (> 0: the mechanism
+    helps, sign flipped for lower-is-better metrics). Empty without pairs."""
+    pairs = ablation_pairs([n for n in results["_meta"]["runs"] if n in results])
+    if not pairs:
+        return ""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    scale = 100.0 if is_percent(metric) else 1.0
+    stats = lambda name: " / ".join(format_stat(s, metric) for s in (
+        results[name]["full"][metric], results[name]["missing_avg"][metric],
+        results[name]["missing_avg_mask"][metric]))
+    rows = []
+    for with_, without in pairs:
+        cells = []
+        for suffix in ("", "_mask"):
+            margin, _, ratio = pooled_margin(results[with_]["missing_avg" + suffix][metric],
+                                             results[without]["missing_avg" + suffix][metric],
+                                             sign=sign)
+            cells.append(f"{margin * scale:+.1f}" + ("" if ratio is None else f" ({ratio:+.1f})"))
+        rows.append([with_, stats(with_), without, stats(without), " / ".join(cells)])
+    header = ["with", "full / Avg zero / Avg mask", "without", "full / Avg zero / Avg mask",
+              "margin zero / mask (pooled std)"]
+    return markdown(header, rows)
+
+
 def compare_to_baselines(results: Mapping, *, metric: str, higher_is_better: bool,
                          protocol: str = "zero", method: str = "modalimmune",
                          baselines: Sequence[str] = COMPARED) -> dict:
@@ -116,11 +168,9 @@ def compare_to_baselines(results: Mapping, *, metric: str, higher_is_better: boo
     sign = 1.0 if higher_is_better else -1.0
     avg = lambda name: results[name]["missing_avg" + suffix][metric]
     best = max(present, key=lambda b: sign * avg(b)["mean"])
-    margin = sign * (avg(method)["mean"] - avg(best)["mean"])
-    pooled = float(np.sqrt((avg(method)["std"] ** 2 + avg(best)["std"] ** 2) / 2))
+    margin, pooled, ratio = pooled_margin(avg(method), avg(best), sign=sign)
     out = {"protocol": protocol, "metric": metric, "best_baseline": best,
-           "margin": float(margin), "pooled_std": pooled,
-           "margin_in_pooled_std": float(margin / pooled) if pooled > 0 else None,
+           "margin": margin, "pooled_std": pooled, "margin_in_pooled_std": ratio,
            "holds": bool(margin > pooled), "holds_2std": bool(margin > 2 * pooled)}
     if "erm" in results:
         full = lambda name: results[name]["full"][metric]["mean"]

@@ -15,6 +15,7 @@ import pytest
 
 from experiments.configs import default
 from modalimmune_jax.studies import plots, suite, tables
+from modalimmune_jax.studies import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODS = ("text", "audio", "vision")
@@ -250,6 +251,24 @@ def test_plots_from_hand_made_data(tmp_path, hand_results):
     with pytest.raises(ValueError, match="ig/"):
         plots.plot_information_gain([{"step": 1, "loss": 1.0}], modalities=["text"],
                                     path=str(tmp_path / "none.png"))
+
+
+def test_meta_trajectories_keep_the_runs_whose_phi_moved(tmp_path):
+    phi = lambda step, strength: {"step": step, "strength": strength, "reg_weight": 0.1,
+                                  "rec_weight": 0.1}
+    runs = {"moved": [phi(10, 0.3), phi(20, 0.4), {"step": 20, "valid/acc": 0.5}],
+            "still": [phi(10, 0.99), phi(20, 0.99)], "missing": None}
+    for name, records in runs.items():
+        (tmp_path / name).mkdir()
+        if records is not None:
+            (tmp_path / name / "metrics.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in records))
+    moved = sweep_lib.meta_trajectories({n: str(tmp_path / n) for n in runs})
+    assert list(moved) == ["moved"] and len(moved["moved"]) == 2
+    _assert_png(plots.plot_meta_parameters(moved, path=str(tmp_path / "phi.png")))
+    with pytest.raises(ValueError, match="strength"):
+        plots.plot_meta_parameters({"erm": [{"step": 1, "loss": 1.0}]},
+                                   path=str(tmp_path / "none.png"))
 
 
 # --------------------------------------------------------------------------------- end to end

@@ -113,6 +113,14 @@ def stress(suite: str) -> dict:
     }
 
 
+def meta_params(suite: str) -> dict:
+    """The meta-update at the defaults: on all of phi (the default) or on the strength alone."""
+    del suite
+    return {"modalimmune": {"method": "modalimmune"},
+            "modalimmune_meta_strength": {"method": "modalimmune", "mi.meta_params": "strength"},
+            "modalimmune-no_meta": {"method": "modalimmune", "mi.meta": False}}
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
@@ -120,4 +128,4 @@ def first_look(suite: str) -> dict:
 
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
           "first_look": first_look, "oracle": oracle, "contenders": contenders,
-          "stress": stress}
+          "stress": stress, "meta_params": meta_params}

@@ -10,6 +10,7 @@ records), draws one figure and writes it to `path`:
 3. `plot_spectra`: each modality's normalized singular-value spectrum of its test-split embedding,
    one line per method (DESIGN.md §3.2 diagnostics);
 4. `plot_information_gain`: the controller's leave-one-out IG per modality over training
+   (and `plot_meta_parameters`: φ over training, one line per run, written by sweeps)
    (DESIGN.md §3.1), raw and EMA.
 """
 
@@ -182,4 +183,41 @@ def plot_information_gain(records: Sequence[Mapping[str, float]], *, modalities:
     ax.set_title("ModalImmune controller: information gain per modality")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+# metrics.jsonl key -> panel title and whether its axis is logarithmic (the loss weights span
+# orders of magnitude when the meta-update drives them).
+PHI_SERIES = (("strength", "collapse strength", False), ("reg_weight", "λ_c (regularizer)", True),
+              ("rec_weight", "λ_r (reconstruction)", True))
+
+
+def plot_meta_parameters(runs: Mapping[str, Sequence[Mapping[str, float]]], *, path: str) -> str:
+    """The meta-parameters φ over training, one line per run, one panel per component.
+
+    Args:
+      runs: label -> that run's ``metrics.jsonl`` records; records without ``strength`` (eval
+        lines) are skipped.
+      path: where the PNG goes.
+
+    Returns:
+      `path`.
+
+    Raises:
+      ValueError: if no run has a ``strength`` series.
+    """
+    series = {label: [r for r in records if "strength" in r] for label, records in runs.items()}
+    series = {label: rows for label, rows in series.items() if rows}
+    if not series:
+        raise ValueError("no run has a strength series (a modalimmune run's metrics.jsonl)")
+    fig, axes = _new_figure(1, len(PHI_SERIES), panel=(4.2, 3.4))
+    for ax, (key, title, log) in zip(axes[0], PHI_SERIES, strict=True):
+        for label, rows in series.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], linewidth=1.4, label=label)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
     return _save(fig, path)

@@ -18,6 +18,7 @@ import ml_collections
 
 import data_pipelines
 from modalimmune_jax.metrics import LOWER_IS_BETTER, TABLE_METRICS
+from modalimmune_jax.studies import plots
 from modalimmune_jax.studies import suite as suite_lib
 from modalimmune_jax.studies import tables
 from modalimmune_jax.training import config as config_lib
@@ -79,7 +80,24 @@ def sweep(suite: str, out: str, *, get_config, variants: Mapping[str, Mapping], 
                         "modalities": list(info.modalities), "wall_time_s": time.time() - t0}
     files.write_json(os.path.join(out, "sweep.json"), results)
     files.atomic_write_text(os.path.join(out, "table.md"), sweep_table(results))
+    moved = meta_trajectories({name: workdir(name, 0) for name in variants})
+    if moved:
+        plots.plot_meta_parameters(moved, path=os.path.join(out, "phi.png"))
     return results
+
+
+def meta_trajectories(workdirs: Mapping[str, str]) -> dict:
+    """``{variant: metrics records}`` of the runs whose meta-update moved φ (seed 0's run)."""
+    moved = {}
+    for name, folder in workdirs.items():
+        path = os.path.join(folder, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        records = [r for r in files.read_jsonl(path) if "strength" in r]
+        if any(len({round(r[k], 6) for r in records}) > 1 for k in ("strength", "reg_weight",
+                                                                     "rec_weight")):
+            moved[name] = records
+    return moved
 
 
 def _score(results, name, metric) -> float:

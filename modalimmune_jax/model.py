@@ -116,6 +116,19 @@ def temporal_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> ja
     return y if bias is None else y + bias
 
 
+class TemporalConv(nnx.Conv):
+    """``nnx.Conv`` (same params, same 'SAME' 1-D convolution) computed by `temporal_conv`.
+
+    A subclass rather than a bare function call, so that the layer's output is still a module
+    call (MANU's activation capture, `methods.unlearning.encoder_layer_activations`, reads it).
+    Only ``padding="SAME"``, stride 1, no dilation or groups: what the conv encoder uses.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias.value
+        return temporal_conv(inputs, self.kernel.value, bias)
+
+
 class Encoder(nnx.Module):
     """One modality's encoder: ``[B, T, D]`` (or ``[B, D]``) and lengths ``[B]`` -> ``[B, d]``."""
 
@@ -133,7 +146,7 @@ class Encoder(nnx.Module):
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d)))
         if kind == "conv":
             # Kernel 3 over time: local temporal patterns (MulT-style 1-D conv front end).
-            self.conv = nnx.Conv(d, d, kernel_size=(3,), padding="SAME", rngs=rngs)
+            self.conv = TemporalConv(d, d, kernel_size=(3,), padding="SAME", rngs=rngs)
         elif kind == "transformer":
             self.attn = nnx.MultiHeadAttention(num_heads=num_heads, in_features=d, qkv_features=d,
                                                decode=False, rngs=rngs)
@@ -152,8 +165,7 @@ class Encoder(nnx.Module):
             x = self.in_norm(x)
         y = nnx.gelu(self.proj(x) + self.pos[None, : x.shape[1]])  # [B, T, d]
         if self.kind == "conv":
-            y = nnx.gelu(temporal_conv(y * tmask[..., None], self.conv.kernel.value,
-                                       self.conv.bias.value))
+            y = nnx.gelu(self.conv(y * tmask[..., None]))
         elif self.kind == "transformer":
             attn_mask = nnx.make_attention_mask(tmask, tmask)  # [B, 1, T, T]
             y = self.norm1(y + self.attn(y, mask=attn_mask, deterministic=True))

@@ -299,12 +299,15 @@ def test_collapse_target_per_example_strength_is_each_rows_own_collapse():
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_temporal_conv_equals_flax_conv(steps):
     # The matmul form (issue 15: no XLA:CPU cliff inside HVP loops) against lax.conv itself.
-    from modalimmune_jax.model import temporal_conv
+    from modalimmune_jax.model import TemporalConv, temporal_conv
     conv = nnx.Conv(5, 4, kernel_size=(3,), padding="SAME", rngs=nnx.Rngs(0))
     conv.bias.value = jnp.arange(4.0)
     x = jax.random.normal(jax.random.key(1), (2, steps, 5))
     chex.assert_trees_all_close(temporal_conv(x, conv.kernel.value, conv.bias.value), conv(x),
                                 atol=1e-5)
+    ours = TemporalConv(5, 4, kernel_size=(3,), padding="SAME", rngs=nnx.Rngs(0))
+    ours.bias.value = jnp.arange(4.0)
+    chex.assert_trees_all_close(ours(x), conv(x), atol=1e-5)  # same init, same params
     kernel = jax.random.normal(jax.random.key(2), (3, 5, 4))
     grad = lambda f: jax.grad(lambda k: jnp.sum(jnp.sin(f(k))))(kernel)
     reference = lambda k: jax.lax.conv_general_dilated(

@@ -381,7 +381,9 @@ def toy_meta_step():
         config.model.d, config.model.d_h = 4, 8
         config.mi.update({"controller": False, "curvature": False, "collapse": False,
                           "regularizer": False, "meta": True, "meta_every": 1, "p_clean": 0.0,
-                          "neumann_terms": 2, "num_lanczos_iters": 6, "floor_curvature": False})
+                          "neumann_terms": 2, "num_lanczos_iters": 6, "floor_curvature": False,
+                          # Zero-fill: the strength is not in the objective, only the weights.
+                          "meta_params": "strength,reg_weight,rec_weight"})
     info = pipeline.DatasetInfo(
         name="toy", modalities=("a", "b"), feature_shapes={"a": (3,), "b": (2,)},
         task="classification", num_classes=3, metric_family="classification",

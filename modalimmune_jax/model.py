@@ -124,6 +124,15 @@ class TemporalConv(nnx.Conv):
     Only ``padding="SAME"``, stride 1, no dilation or groups: what the conv encoder uses.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ones = (None, 1, (1,))
+        if (self.padding != "SAME" or self.strides not in ones or self.input_dilation not in ones
+                or self.kernel_dilation not in ones or self.feature_group_count != 1
+                or self.kernel_size[0] % 2 == 0):
+            raise ValueError("TemporalConv: only an odd kernel, padding='SAME', stride 1, no "
+                             "dilation and no groups")
+
     def __call__(self, inputs: jax.Array) -> jax.Array:
         bias = None if self.bias is None else self.bias.value
         return temporal_conv(inputs, self.kernel.value, bias)

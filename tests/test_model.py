@@ -308,6 +308,8 @@ def test_temporal_conv_equals_flax_conv(steps):
     ours = TemporalConv(5, 4, kernel_size=(3,), padding="SAME", rngs=nnx.Rngs(0))
     ours.bias.value = jnp.arange(4.0)
     chex.assert_trees_all_close(ours(x), conv(x), atol=1e-5)  # same init, same params
+    with pytest.raises(ValueError, match="padding='SAME'"):
+        TemporalConv(5, 4, kernel_size=(3,), padding="VALID", rngs=nnx.Rngs(0))
     kernel = jax.random.normal(jax.random.key(2), (3, 5, 4))
     grad = lambda f: jax.grad(lambda k: jnp.sum(jnp.sin(f(k))))(kernel)
     reference = lambda k: jax.lax.conv_general_dilated(

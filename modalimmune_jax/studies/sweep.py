@@ -94,8 +94,7 @@ def meta_trajectories(workdirs: Mapping[str, str]) -> dict:
         if not os.path.exists(path):
             continue
         records = [r for r in files.read_jsonl(path) if "strength" in r]
-        if any(len({round(r[k], 6) for r in records}) > 1 for k in ("strength", "reg_weight",
-                                                                     "rec_weight")):
+        if any(len({round(r[key], 6) for r in records}) > 1 for key, _, _ in plots.PHI_SERIES):
             moved[name] = records
     return moved
 

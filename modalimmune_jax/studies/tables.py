@@ -133,12 +133,12 @@ def ablation_table(results: Mapping, *, metric: str) -> str:
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     scale = 100.0 if is_percent(metric) else 1.0
     stats = lambda name: " / ".join(format_stat(s, metric) for s in (
-        results[name]["full"][metric], results[name]["missing_avg"][metric],
-        results[name]["missing_avg_mask"][metric]))
+        [results[name]["full"][metric]]
+        + [results[name]["missing_avg" + suffix][metric] for _, suffix in PROTOCOLS]))
     rows = []
     for with_, without in pairs:
         cells = []
-        for suffix in ("", "_mask"):
+        for _, suffix in PROTOCOLS:
             margin, _, ratio = pooled_margin(results[with_]["missing_avg" + suffix][metric],
                                              results[without]["missing_avg" + suffix][metric],
                                              sign=sign)

@@ -24,6 +24,8 @@ def _numbers(tree):
 
 def test_refresh_schedule_by_hand():
     mi = default.get_config("digits").mi  # ig_every=10, curv_every=20, meta_every=50
+    with mi.unlocked():
+        mi.curvature = True  # off by default
     assert benchmark.refresh_period(mi) == 100
     assert benchmark._refreshes(mi, 0) == {"controller_refresh", "hutchinson_refresh"}  # no meta
     assert benchmark._refreshes(mi, 1) == set()
@@ -49,6 +51,7 @@ def _tiny_run(tmp, *, meta):
         # the slow one on CPU: CI leaves it out of the step; the slow test keeps it, at small K.
         config.mi.ig_every, config.mi.curv_every, config.mi.meta_every = 2, 3, 4
         config.mi.meta = meta
+        config.mi.curvature = True  # off by default; on, so that every refresh is timed
         config.mi.neumann_terms, config.mi.num_lanczos_iters = 2, 2
     # The loop is timed for erm only here (each timed loop is a whole trainer run).
     methods = benchmark.STEP_METHODS if meta else ("erm", "modalimmune", "modalimmune-none")

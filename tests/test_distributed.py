@@ -356,6 +356,8 @@ def test_batch_not_divisible_by_device_count_is_a_config_error(tmp_path, monkeyp
 def _train_args(method):
     return [f"--config={CONFIG}:digits,tiny", f"--config.method={method}",
             "--config.mi.meta=False", "--config.mi.ig_every=2", "--config.mi.curv_every=3",
+            # Off by default; on here, so that the sharded curvature path is compared too.
+            "--config.mi.curvature=True",
             "--config.num_steps=6", "--config.log_every=1", "--config.eval_every=3",
             "--config.checkpoint_every=3",
             # The full-modality evaluation: the prediction path of every condition, and a

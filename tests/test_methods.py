@@ -40,6 +40,8 @@ def _run_modalimmune(tmp_path, *, meta):
     config = default.get_config("synthetic,tiny")
     with config.unlocked():
         config.mi.meta = meta
+        # Every component: the curvature mask and the regularizer are off by default.
+        config.mi.curvature = config.mi.regularizer = True
         config.method = "modalimmune"
         config.num_steps = 6
         config.log_every = 1

@@ -31,6 +31,7 @@ def test_own_model_trains_with_modalimmune(tmp_path):
         config.log_every, config.eval_every, config.checkpoint_every = 2, 12, 12
         config.mi.ig_every, config.mi.curv_every = 2, 3
         config.mi.meta = False  # the hypergradient's compile; tested on the library's model
+        config.mi.curvature = True  # off by default; its mask acting on the own model is tested
         config.eval.protocol = "missing"
     workdir = str(tmp_path / "own")
     outcome = train(config, workdir, progress=False, hooks=Hooks(

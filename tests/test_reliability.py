@@ -219,7 +219,8 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(digits_reference, 
 def test_modalimmune_sigkill_then_resume_is_bit_identical(tmp_path):
     """ModalImmune's controller, curvature EMA and mask state survive a kill (no meta-update)."""
     args = (f"--config={CONFIG}:digits,tiny", "--config.method=modalimmune",
-            "--config.mi.meta=False", "--config.mi.ig_every=3", "--config.mi.curv_every=3",
+            "--config.mi.meta=False", "--config.mi.curvature=True", "--config.mi.ig_every=3",
+            "--config.mi.curv_every=3",
             "--config.num_steps=20", "--config.checkpoint_every=10", "--config.log_every=1",
             "--config.eval_every=10")
     cache = str(tmp_path / "xla_cache")
@@ -322,7 +323,8 @@ def test_nan_batch_leaves_modalimmune_state_clean(tmp_path):
     """A NaN batch on an IG and curvature refresh step: without reverting the method's state on a
     skipped update, the NaN gain/curvature EMAs would skip every later step."""
     records, _, _ = _nan_batch_run(tmp_path, record=4, method="modalimmune",
-                                   mi__meta=False, mi__ig_every=2, mi__curv_every=2)
+                                   mi__meta=False, mi__curvature=True, mi__ig_every=2,
+                                   mi__curv_every=2)
     assert records[5]["skipped"] == 1 and records[8]["total_skips"] == 1
     for step in (6, 7, 8):
         assert records[step]["skipped"] == 0

@@ -201,6 +201,13 @@ def test_runs_and_ablation_configs():
         "erm", "modalimmune", "modalimmune-none", "modalimmune-no_controller",
         "modalimmune-no_collapse", "modalimmune-no_regularizer", "modalimmune-no_curvature",
         "modalimmune-no_meta"]
+    # A component that is off by default is switched on for its ablation row.
+    flipped = suite.make_runs(["modalimmune"], ablation=True, floor=False,
+                              default_on=("controller", "collapse", "meta"))
+    assert [r.name for r in flipped] == [
+        "modalimmune", "modalimmune-no_controller", "modalimmune-no_collapse",
+        "modalimmune-with_regularizer", "modalimmune-with_curvature", "modalimmune-no_meta"]
+    assert all(r.is_ablation for r in flipped[1:]) and not flipped[0].is_ablation
     assert [r.name for r in suite.make_runs(["erm"], ablation=True)] == ["erm"]
     base = suite.suite_config("synthetic", get_config=default.get_config, fast=True,
                               data_dir="/d")
@@ -208,10 +215,13 @@ def test_runs_and_ablation_configs():
     config = suite.run_config(base, runs[4], seed=2)
     assert config.method == "modalimmune" and config.seed == 2
     switches = ("controller", "collapse", "regularizer", "curvature", "meta")
-    assert {s: config.mi[s] for s in switches} == {s: s != "collapse" for s in switches}
+    assert {s: config.mi[s] for s in switches} == {s: base.mi[s] and s != "collapse"
+                                                   for s in switches}
     none = suite.run_config(base, runs[2], seed=0)
     assert not any(none.mi[s] for s in switches)  # the two-branch floor: every component off
     assert base.mi.collapse  # the base config is not modified
+    on = suite.run_config(base, flipped[4], seed=0)
+    assert on.mi.curvature and not base.mi.curvature
     # The oracle: one erm specialist per condition, scored on its own (full) input.
     oracle = suite.make_runs(["erm"], ablation=False, oracle=True, modalities=MODS)[1:]
     assert [r.name for r in oracle] == [f"oracle:{c}" for c in CONDITIONS]
@@ -450,10 +460,14 @@ def test_compare_to_baselines_by_hand():
 
 
 def test_ablation_pairs_and_table_by_hand():
-    names = ["meta", "meta-no_meta", "meta_strength", "curv", "curv-no_curvature", "other"]
+    names = ["meta", "meta-no_meta", "meta_strength", "curv", "curv-no_curvature", "other",
+             "meta-with_curvature", "other-with_regularizer", "lone-with_meta"]
+    # "-with_S" pairs with its base only ("lone" is not a variant), and is no "with" of "-no_".
     assert tables.ablation_pairs(names) == [("meta", "meta-no_meta"),
                                             ("meta_strength", "meta-no_meta"),
-                                            ("curv", "curv-no_curvature")]
+                                            ("curv", "curv-no_curvature"),
+                                            ("meta-with_curvature", "meta"),
+                                            ("other-with_regularizer", "other")]
     stat = lambda mean, std: {"acc": {"mean": mean, "std": std}}
     run = lambda full, zero, mask: {"full": stat(*full), "missing_avg": stat(*zero),
                                     "missing_avg_mask": stat(*mask)}

@@ -165,7 +165,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ModalImmune (DESIGN.md §3). Each component has an on/off switch for the ablation.
     config.mi = ml_collections.ConfigDict()
-    # Information-gain controller (§3.1); off: uniform target.
+    # Information-gain controller (§3.1); off: uniform target. At the old defaults on VALID
+    # (results/selection/*_defaults.md, 3 seeds, missing Avg zero / mask): -0.5 / -0.6 on digits,
+    # -0.3 / -0.1 on synthetic, +1.1 / +1.0 on the hetero npz, where the views differ in scale
+    # and strength. Kept: it is cheap (0.55 ms a step amortized on digits) and pays on the
+    # heterogeneous views, the case of the real data of issue 13.
     config.mi.controller = True
     config.mi.ig_every = 10
     config.mi.ema_beta = 0.9
@@ -198,6 +202,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # collapses at the strength; 1 spreads it down to 0 (partial destruction, like corruption).
     config.mi.strength_spread = 0.0
     # Spectral collapse of the target's embedding (§3.2); off: zero-fill the target instead.
+    # At the old defaults on VALID (*_defaults.md): -0.3 / -0.3 digits, -0.1 / +0.0 synthetic,
+    # +0.2 / +0.3 npz. Kept: the zero-fill is not cheaper (a second encoder pass on the batch).
     config.mi.collapse = True
     # Initial collapse strength in (0, 1) (a meta-parameter) and the energy exponent gamma.
     # Chosen on the synthetic valid split (missing_avg acc, --fast, seed 0): strength 0.99 with
@@ -213,10 +219,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Weight of the task loss on the collapsed representation.
     config.mi.collapse_weight = 1.0
     # Collapse regularizer R (§3.2) and its initial weight (a meta-parameter).
-    config.mi.regularizer = True
+    # Off by default, chosen on VALID (results/selection/*_defaults.md: each mechanism off in turn
+    # at the old defaults, 3 seeds, synthetic / digits / hetero npz). The rule: a mechanism that
+    # costs step time stays on only if it pays somewhere by >= 1 pooled std, at the defaults or
+    # in its own stress setting. R: +0.2 / +0.2 (digits), -0.0 / -0.0 (synthetic), +0.1 / -0.1
+    # (npz) points of missing Avg zero / mask, all under 0.5 pooled std; under stress (partial
+    # collapse, results/selection/digits_stress.md) -1.3 / -0.0. Its two SVDs were the largest
+    # cost of the step (8.1 against 11.1 ms, docs/performance.md).
+    config.mi.regularizer = False
     config.mi.reg_weight = 0.1
-    # Curvature-aware masking of the destructive gradient (§3.3).
-    config.mi.curvature = True
+    # Curvature-aware masking of the destructive gradient (§3.3). Off by default by the same rule
+    # and sweeps: +0.4 / -0.0 (digits), -0.1 / -0.1 (synthetic), -0.4 / -0.2 (npz); under stress
+    # (collapse weight 5, lr 4x) +0.3 / +0.4, 0.6 / 1.0 pooled std. It costs the step a second
+    # cotangent and a Hutchinson refresh, and the program ~10 s of compile.
+    config.mi.curvature = False
     config.mi.curv_every = 20
     config.mi.curv_probes = 2
     config.mi.curv_decay = 0.9
@@ -227,6 +243,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Under stress (digits VALID, phi mis-set to strength 0.3 and weights 10, meta every 10 steps
     # at lr 0.1) the meta-update raised the strength to ~0.93 but the loss weights to 280-640,
     # and cost 18 points of missing Avg (docs/results.md); at these defaults it barely moves phi.
+    # Off at the old defaults on VALID (*_defaults.md): -0.2 / -0.1 digits, +0.0 / -0.0
+    # synthetic, +0.2 / +0.2 npz. Kept on: under stress the strength alone pays +3.2 / +1.0
+    # (3.1 / 1.3 pooled std), and a mis-set phi is what a new dataset brings.
     config.mi.meta = True
     # Which components of phi the meta-update moves (comma-separated: strength, reg_weight,
     # rec_weight); the others stay at their configured values. Chosen on VALID

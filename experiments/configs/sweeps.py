@@ -6,9 +6,14 @@ cite the sweep tables they come from (results/selection/).
 
 import itertools
 
+from experiments.configs import default
+
 
 # The meta-update on every component of phi (mi.meta_params; the default moves the strength only).
 ALL_PHI = "strength,reg_weight,rec_weight"
+# The defaults before the `defaults` sweep turned these off: the sets recorded under them
+# (`stress`, `meta_params`) pin them, so that they rerun what results/selection/ records.
+OLD_DEFAULTS = {"mi.regularizer": True, "mi.curvature": True}
 
 
 def methods(suite: str) -> dict:
@@ -99,7 +104,8 @@ def stress(suite: str) -> dict:
     - controller: pattern arms with Group-DRO weights against the uniform draw.
     """
     del suite
-    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = lambda **kw: {"method": "modalimmune", **OLD_DEFAULTS,
+                       **{f"mi.{k}": v for k, v in kw.items()}}
     misset = {"mi.strength": 0.3, "mi.reg_weight": 10.0, "loss.reconstruction": 10.0,
               "mi.meta_every": 10, "mi.meta_lr": 0.1}
     lr = {"optimizer.lr": 2e-2, "mi.collapse_weight": 5.0}
@@ -123,9 +129,22 @@ def meta_params(suite: str) -> dict:
     this sweep; results/selection/*_meta_params.md were written when all of phi was the default,
     so their ``modalimmune`` row is ``modalimmune_meta_all``)."""
     del suite
-    return {"modalimmune_meta_all": {"method": "modalimmune", "mi.meta_params": ALL_PHI},
-            "modalimmune_meta_strength": {"method": "modalimmune", "mi.meta_params": "strength"},
-            "modalimmune-no_meta": {"method": "modalimmune", "mi.meta": False}}
+    mi = lambda **kw: {"method": "modalimmune", **OLD_DEFAULTS,
+                       **{f"mi.{k}": v for k, v in kw.items()}}
+    return {"modalimmune_meta_all": mi(meta_params=ALL_PHI),
+            "modalimmune_meta_strength": mi(meta_params="strength"),
+            "modalimmune-no_meta": mi(meta=False)}
+
+
+def defaults(suite: str) -> dict:
+    """Each mechanism flipped at the defaults (``-no_`` if on, ``-with_`` if off) beside
+    ModDrop: the evidence a default is kept or switched on its (issue 13, "defaults chosen on
+    valid"). results/selection/*_defaults.md ran it when every mechanism was on."""
+    on = default.get_config(suite).mi
+    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    return {"moddrop": {"method": "moddrop"}, "modalimmune": mi(),
+            **{(f"modalimmune-no_{m}" if on[m] else f"modalimmune-with_{m}"): mi(**{m: not on[m]})
+               for m in ("controller", "collapse", "regularizer", "curvature", "meta")}}
 
 
 def first_look(suite: str) -> dict:
@@ -135,4 +154,5 @@ def first_look(suite: str) -> dict:
 
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
           "first_look": first_look, "oracle": oracle, "contenders": contenders,
-          "stress": stress, "meta_params": meta_params}
+          "stress": stress, "meta_params": meta_params,
+          "defaults": defaults}

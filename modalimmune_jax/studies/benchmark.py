@@ -4,8 +4,9 @@ r"""Prices every part of a training step, as medians over repeated runs in one p
 median, in seconds, after a warm-up run:
 
 - ``step_s``: one amortized train step of erm, moddrop, consistency, ogm_ge, modalimmune-none
-  (ModalImmune with every component off: its floor) and modalimmune, each at the config's
-  settings: the mean over a window of ``lcm(ig_every, curv_every, meta_every)`` steps, so every
+  (ModalImmune with every component off: its floor), modalimmune and modalimmune-all (every
+  component on, the regularizer and the curvature mask included, which are off by default),
+  each at the config's settings: the mean over a window of ``lcm(ig_every, curv_every, meta_every)`` steps, so every
   amortized refresh (IG, Hutchinson, meta-update) falls in it as often as in training;
   ``first_call_s``: each method's first call (trace and compile, then one step);
 - ``loop_step_s``: one step of the real trainer loop (`training.trainer.train`: input pipeline,
@@ -49,9 +50,10 @@ from modalimmune_jax.training import mesh as mesh_lib
 from modalimmune_jax.training import step as step_lib
 from modalimmune_jax.training.errors import ConfigError
 
-STEP_METHODS = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune-none", "modalimmune")
+STEP_METHODS = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune-none", "modalimmune",
+                "modalimmune-all")
 LOOP_METHODS = ("erm", "modalimmune")
-# ModalImmune with every component off (studies.suite's modalimmune-none).
+# ModalImmune with every component off (studies.suite's modalimmune-none); -all: every one on.
 NONE_SWITCHES = ("controller", "collapse", "regularizer", "curvature", "meta")
 HYPERGRAD_TERMS = (5, 20, 80)
 # The per-term cost is the slope between these; far apart, so the slope stands above timing noise.
@@ -102,13 +104,14 @@ class _Bench:
         self.params = nnx.state(self.build_model(jax.random.key(config.seed)), nnx.Param)
 
     def method_config(self, method):
-        """The config for a method name of `STEP_METHODS` (``modalimmune-none``: all off)."""
+        """The config for a method name of `STEP_METHODS` (``modalimmune-none``: all off,
+        ``modalimmune-all``: all on)."""
         config = self.config.copy_and_resolve_references()
         with config.unlocked():
-            config.method = "modalimmune" if method == "modalimmune-none" else method
-            if method == "modalimmune-none":
+            config.method = "modalimmune" if method.startswith("modalimmune") else method
+            if method in ("modalimmune-none", "modalimmune-all"):
                 for switch in NONE_SWITCHES:
-                    config.mi[switch] = False
+                    config.mi[switch] = method == "modalimmune-all"
         return config
 
     def step_fn(self, method_name) -> "_TimedStep":
@@ -188,7 +191,8 @@ def time_steps(bench, method_names, *, repeats, calls):
         compile_start = time.perf_counter()
         step.run(bench.batches[:1], bench.meta_batch, 1)
         out[name] = {"first_call_s": time.perf_counter() - compile_start,
-                     "window": refresh_period(mi) if name == "modalimmune" else 20}
+                     "window": (refresh_period(bench.method_config(name).mi)
+                                if name.startswith("modalimmune") else 20)}
         timed[name] = step
 
     def window_run(name):
@@ -417,10 +421,11 @@ def run_benchmark(config, *, data_dir, repeats, calls, pipeline_batches, loop_st
         for name, t in steps.items():
             if name != "erm":
                 ratios[f"{name}_over_erm_step"] = t / steps["erm"]
-    if "modalimmune-none" in steps and "modalimmune" in steps:
-        ratios["modalimmune_over_none_step"] = steps["modalimmune"] / steps["modalimmune-none"]
-    if "modalimmune" in result["first_call_s"]:
-        ratios["modalimmune_first_call_s"] = result["first_call_s"]["modalimmune"]
+    for name in ("modalimmune", "modalimmune-all"):
+        if "modalimmune-none" in steps and name in steps:
+            ratios[f"{name}_over_none_step"] = steps[name] / steps["modalimmune-none"]
+        if name in result["first_call_s"]:
+            ratios[f"{name}_first_call_s"] = result["first_call_s"][name]
     for name, loop_s in result["loop_step_s"].items():
         ratios[f"loop_over_step_throughput/{name}"] = steps[name] / loop_s
     result["ratios"] = ratios

@@ -6,7 +6,8 @@ own; the unlearning comparison is `studies.unlearn`; the tables are `studies.tab
 Layout of --out:
 - ``data/``: the dataset, built once and shared by every run;
 - ``runs/<name>/seed<k>/``: one `experiments.train` workdir per run; ``<name>`` is a method, or
-  ``modalimmune-no_<component>`` for the ablation (that ``config.mi`` switch off);
+  for the ablation ``modalimmune-no_<component>`` (a ``config.mi`` switch that is on by default,
+  off) or ``modalimmune-with_<component>`` (one that is off by default, on);
 - ``unlearn/<method>/``: the unlearning comparison on the erm seed-0 run;
 - ``results.json``: per run name, every eval.json number as ``{"mean", "std"}`` over seeds
   (`robustness.summarize_seeds`), with effective robustness against the erm run of the same seed;
@@ -52,7 +53,7 @@ LINEAR_FLATTEN_MAX = 4096
 # Run names of the oracle's specialists: "oracle:<condition>".
 ORACLE_PREFIX = "oracle:"
 BASELINES = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune")
-# The config.mi switches of DESIGN.md §3, each turned off in turn for the ablation.
+# The config.mi switches of DESIGN.md §3, each flipped in turn for the ablation.
 ABLATION_COMPONENTS = ("controller", "collapse", "regularizer", "curvature", "meta")
 # --quick: the first command of the README, ModalImmune against erm and moddrop in minutes.
 QUICK_METHODS = ("erm", "moddrop", "modalimmune")
@@ -64,7 +65,8 @@ class Run(NamedTuple):
 
     ``disabled``: the ``config.mi`` switches turned off (``modalimmune-no_<c>`` has one,
     ``modalimmune-none`` all of them: uniform targets, zero-fill instead of collapse, no
-    regularizer, no curvature mask, no meta-update, the two-branch floor). ``keep``: a
+    regularizer, no curvature mask, no meta-update, the two-branch floor); ``enabled``: those
+    turned on (``modalimmune-with_<c>``, a component that is off by default). ``keep``: a
     specialist's kept modalities (``config.use_modalities``) for the oracle row.
     """
 
@@ -72,11 +74,12 @@ class Run(NamedTuple):
     method: str
     disabled: tuple[str, ...] = ()
     keep: str = ""
+    enabled: tuple[str, ...] = ()
 
     @property
     def is_ablation(self) -> bool:
-        """One component off: explains the main comparison, run with the ablation seeds."""
-        return len(self.disabled) == 1
+        """One component flipped: explains the main comparison, run with the ablation seeds."""
+        return len(self.disabled) + len(self.enabled) == 1
 
 
 def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = False,
@@ -102,10 +105,12 @@ def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = Fal
 
 
 def make_runs(method_names: Sequence[str], *, ablation: bool, oracle: bool = False,
-              modalities: Sequence[str] = (), floor: bool = True) -> list[Run]:
+              modalities: Sequence[str] = (), floor: bool = True,
+              default_on: Sequence[str] = ABLATION_COMPONENTS) -> list[Run]:
     """The table rows: each method; with modalimmune, its floor ``modalimmune-none`` (unless not
-    `floor`) and (with `ablation`) one row per component off; with `oracle`, one erm specialist
-    per condition."""
+    `floor`) and (with `ablation`) one row per component flipped: ``-no_<c>`` for the components
+    in `default_on` (the base config's ``config.mi`` switches that are on), ``-with_<c>`` for the
+    others; with `oracle`, one erm specialist per condition."""
     for name in method_names:
         if name not in methods_lib.METHODS:
             raise ConfigError(f"--methods: unknown method {name!r}; expected some of "
@@ -115,7 +120,8 @@ def make_runs(method_names: Sequence[str], *, ablation: bool, oracle: bool = Fal
         if floor:
             runs.append(Run("modalimmune-none", "modalimmune", ABLATION_COMPONENTS))
         if ablation:
-            runs += [Run(f"modalimmune-no_{c}", "modalimmune", (c,))
+            runs += [Run(f"modalimmune-no_{c}", "modalimmune", (c,)) if c in default_on
+                     else Run(f"modalimmune-with_{c}", "modalimmune", enabled=(c,))
                      for c in ABLATION_COMPONENTS]
     if oracle:
         runs += [Run(f"{ORACLE_PREFIX}{cond}", "erm", keep=cond.replace("+", ","))
@@ -129,6 +135,8 @@ def run_config(base: ml_collections.ConfigDict, run: Run, seed: int) -> ml_colle
     config.seed = seed
     for component in run.disabled:
         config.mi[component] = False
+    for component in run.enabled:
+        config.mi[component] = True
     if run.keep:
         config.use_modalities = run.keep
         # The specialist is scored on its own condition: its full-modality metrics.
@@ -182,7 +190,7 @@ def _run_unlearning(out: str, erm_workdir: str, forget: str, steps: int | None, 
 
 def _make_plots(out: str, results: Mapping, runs: Sequence[Run], *, info, curve: str) -> list:
     plot_dir = os.path.join(out, "plots")
-    main = [r.name for r in runs if not r.disabled and not r.keep]
+    main = [r.name for r in runs if not (r.disabled or r.enabled or r.keep)]
     paths = [
         plots.plot_random_missing(results, metric=curve, methods=main,
                                   path=os.path.join(plot_dir, "random_missing.png")),
@@ -317,7 +325,8 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
     if oracle is None:
         oracle = suite == "digits" and not fast
     runs = make_runs(method_names, ablation=ablation, oracle=oracle, modalities=info.modalities,
-                     floor=not quick)
+                     floor=not quick,
+                     default_on=[c for c in ABLATION_COMPONENTS if base.mi[c]])
     curve = CURVE_METRIC[info.metric_family]
     wall_path = os.path.join(out, "wall_times.json")
     wall = files.read_json(wall_path) if os.path.exists(wall_path) else {}

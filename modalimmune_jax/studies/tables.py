@@ -111,15 +111,19 @@ def ablation_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     """``(with, without)`` pairs among a sweep's variant names.
 
     A variant ``"X-no_S"`` is ``X`` without its mechanism ``S``; it is paired with every variant
-    whose name starts with ``X`` and has no ``-no_`` in it (``meta_misset`` and
-    ``meta_misset_strength`` both against ``meta_misset-no_meta``), in the order of `names`.
+    whose name starts with ``X`` and has neither ``-no_`` nor ``-with_`` in it (``meta_misset``
+    and ``meta_misset_strength`` both against ``meta_misset-no_meta``). A variant
+    ``"X-with_S"`` is ``X`` with a mechanism that ``X`` has off; it is paired with ``X``. In the
+    order of `names`.
     """
     pairs = []
-    for without in names:
-        if "-no_" not in without:
-            continue
-        base = without.split("-no_")[0]
-        pairs += [(w, without) for w in names if w.startswith(base) and "-no_" not in w]
+    for name in names:
+        if "-no_" in name:
+            base = name.split("-no_")[0]
+            pairs += [(w, name) for w in names
+                      if w.startswith(base) and "-no_" not in w and "-with_" not in w]
+        elif "-with_" in name and name.split("-with_")[0] in names:
+            pairs.append((name, name.split("-with_")[0]))
     return pairs
 
 

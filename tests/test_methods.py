@@ -251,6 +251,8 @@ def test_modalimmune_targets_follow_the_shared_removal_rule(collapse, mask_prob)
 
 def test_modalimmune_state_and_trainer_contract():
     info, config, graphdef, params, batch = _toy()
+    with config.unlocked():
+        config.mi.curvature = True  # off by default: its transform goes first in the chain
     method = make_method("modalimmune", make_apply_fns(graphdef),
                          info=info, config=config)
     assert isinstance(method, Method)

@@ -138,3 +138,20 @@ def test_synthetic_regression_beats_the_mean(tmp_path):
     config = default.get_config("synthetic_regression")
     results = trainer.train_and_evaluate(config, str(tmp_path / "reg"))
     assert results["full"]["MAE"] < results["full"]["mean_baseline_MAE"]
+
+
+@pytest.mark.parametrize("family,new,best,expected", [
+    ("classification", 0.9815, 0.9815, True),   # a tie: the later checkpoint
+    ("classification", 0.9778, 0.9815, False),
+    ("classification", 0.9852, 0.9815, True),
+    ("regression", 0.30, 0.30, True),           # MAE, lower is better: a tie, later
+    ("regression", 0.31, 0.30, False),
+    ("regression", 0.29, 0.30, True),
+    ("classification", 0.5, None, True),
+])
+def test_best_on_valid_keeps_the_later_checkpoint_on_a_tie(family, new, best, expected):
+    from types import SimpleNamespace
+
+    from modalimmune_jax.training.evaluator import Evaluator
+    holder = SimpleNamespace(info=SimpleNamespace(metric_family=family))
+    assert Evaluator.is_better(holder, new, best) is expected

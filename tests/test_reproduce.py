@@ -8,6 +8,7 @@ structure, the resume path and the unlearning hook (with a stand-in unlearning j
 import json
 import os
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -480,3 +481,37 @@ def test_ablation_pairs_and_table_by_hand():
                    "98.0 ± 0.0 / 92.0 ± 0.4 / 93.0 ± 0.3 | +1.0 (+2.8) / -1.0 (-2.8) |")
     assert tables.ablation_table({"_meta": {"runs": ["curv"]}, "curv": results["curv"]},
                                  metric="acc") == ""
+
+
+_ORPHAN_PARENT = """
+import concurrent.futures, multiprocessing, os, sys, time
+from modalimmune_jax.studies import suite
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=suite._init_worker,
+        initargs=(None,))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120)
+    time.sleep(120)
+"""
+
+
+def test_workers_exit_when_the_suite_is_killed(tmp_path):
+    """A SIGKILLed `reproduce` must not leave its spawned workers training on."""
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive, sleeping in its job
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail(f"worker {worker} outlived its killed parent by 10 s")

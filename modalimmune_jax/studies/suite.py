@@ -22,6 +22,7 @@ ones from their checkpoints, and rewrites the summaries.
 import concurrent.futures
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -229,6 +230,24 @@ def _init_worker(cache_dir: str | None) -> None:
     cli.quiet_libraries()
     if cache_dir:
         enable_compilation_cache(cache_dir)
+    exit_with_parent(os.getppid())
+
+
+def exit_with_parent(parent: int, poll_s: float = 0.5) -> threading.Thread:
+    """Ends this process when `parent` is gone (this process is re-parented), from a thread.
+
+    A killed `experiments.reproduce` otherwise leaves its spawned workers training on, into a
+    folder the user may already have deleted or restarted in. A run stopped this way resumes
+    from its last (atomic) checkpoint on the next invocation.
+    """
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def default_train_job(config_dict: dict, workdir: str, progress: bool) -> float:

@@ -515,3 +515,16 @@ def test_workers_exit_when_the_suite_is_killed(tmp_path):
     else:
         os.kill(worker, 9)
         pytest.fail(f"worker {worker} outlived its killed parent by 10 s")
+
+
+def test_defaults_sweep_flips_each_mechanism_against_the_config():
+    from experiments.configs import sweeps
+
+    variants = sweeps.defaults("digits")
+    mi = default.get_config("digits").mi
+    flipped = {}
+    for c in suite.ABLATION_COMPONENTS:
+        name = f"modalimmune-no_{c}" if mi[c] else f"modalimmune-with_{c}"
+        flipped[name] = {"method": "modalimmune", f"mi.{c}": not mi[c]}
+    assert variants == {"moddrop": {"method": "moddrop"}, "modalimmune": {"method": "modalimmune"},
+                        **flipped}

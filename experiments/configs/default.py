@@ -222,16 +222,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Off by default, chosen on VALID (results/selection/*_defaults.md: each mechanism off in turn
     # at the old defaults, 3 seeds, synthetic / digits / hetero npz). The rule: a mechanism that
     # costs step time stays on only if it pays by >= 1 pooled std under both protocols, on some
-    # dataset at the defaults or in its own stress setting (docs/formulation.md). R: +0.2 / +0.2 (digits), -0.0 / -0.0 (synthetic), +0.1 / -0.1
-    # (npz) points of missing Avg zero / mask, all under 0.5 pooled std; under stress (partial
-    # collapse, results/selection/digits_stress.md) -1.3 / -0.0. Its two SVDs were the largest
-    # cost of the step (8.1 against 11.1 ms, docs/performance.md).
+    # dataset at the defaults or in its own stress setting (docs/formulation.md). R: +0.2 / +0.2
+    # (digits), -0.0 / -0.0 (synthetic), +0.1 / -0.1 (npz) points of missing Avg zero / mask, all
+    # under 0.5 pooled std; under stress (partial collapse, results/selection/digits_stress.md)
+    # -1.3 / -0.0. Its two SVDs were the largest cost of the step (8.1 against 11.1 ms,
+    # docs/performance.md). Switched back on at the new defaults (digits_defaults_now.md): -0.7 /
+    # -0.4 (-2.5 / -2.2 pooled std).
     config.mi.regularizer = False
     config.mi.reg_weight = 0.1
     # Curvature-aware masking of the destructive gradient (§3.3). Off by default by the same rule
     # and sweeps: +0.4 / -0.0 (digits; +1.8 / -0.1 pooled std), -0.1 / -0.1 (synthetic), -0.4 /
-    # -0.2 (npz); under stress (collapse weight 5, lr 4x) +0.3 / +0.4, 0.6 / 1.0 pooled std. It costs the step a second
-    # cotangent and a Hutchinson refresh, and the program ~10 s of compile.
+    # -0.2 (npz); under stress (collapse weight 5, lr 4x) +0.3 / +0.4, 0.6 / 1.0 pooled std.
+    # It costs the step a second cotangent and a Hutchinson refresh, and the program ~10 s of
+    # compile. Switched back on at the new defaults (digits_defaults_now.md): -0.2 / -0.3.
     config.mi.curvature = False
     config.mi.curv_every = 20
     config.mi.curv_probes = 2

@@ -137,14 +137,18 @@ def meta_params(suite: str) -> dict:
 
 
 def defaults(suite: str) -> dict:
-    """Each mechanism flipped at the defaults (``-no_`` if on, ``-with_`` if off) beside
-    ModDrop: the evidence a default is kept or switched on its (issue 13, "defaults chosen on
-    valid"). results/selection/*_defaults.md ran it when every mechanism was on."""
-    on = default.get_config(suite).mi
-    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
-    return {"moddrop": {"method": "moddrop"}, "modalimmune": mi(),
-            **{(f"modalimmune-no_{m}" if on[m] else f"modalimmune-with_{m}"): mi(**{m: not on[m]})
-               for m in ("controller", "collapse", "regularizer", "curvature", "meta")}}
+    """Each mechanism flipped at the defaults beside ModDrop, named as `experiments.reproduce`'s
+    ablation rows (``-no_`` if on, ``-with_`` if off): the evidence each default rests on (issue
+    13, "defaults chosen on valid"). results/selection/*_defaults.md ran it when every mechanism
+    was on, digits_defaults_now.md at today's defaults."""
+    from modalimmune_jax.studies import suite as suite_lib  # noqa: PLC0415 -- configs stay light
+
+    mi = default.get_config(suite).mi
+    runs = suite_lib.make_runs(["modalimmune"], ablation=True, floor=False, default_on=[
+        c for c in suite_lib.ABLATION_COMPONENTS if mi[c]])
+    return {"moddrop": {"method": "moddrop"}, **{
+        run.name: {"method": run.method, **{f"mi.{c}": False for c in run.disabled},
+                   **{f"mi.{c}": True for c in run.enabled}} for run in runs}}
 
 
 def first_look(suite: str) -> dict:

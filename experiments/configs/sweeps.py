@@ -16,6 +16,11 @@ ALL_PHI = "strength,reg_weight,rec_weight"
 OLD_DEFAULTS = {"mi.regularizer": True, "mi.curvature": True}
 
 
+def _mi_old_defaults(**kw) -> dict:
+    """A ModalImmune variant at `OLD_DEFAULTS` with ``mi.<k>`` overrides."""
+    return {"method": "modalimmune", **OLD_DEFAULTS, **{f"mi.{k}": v for k, v in kw.items()}}
+
+
 def methods(suite: str) -> dict:
     """The baselines at their defaults and with the tuning budget each gets (one knob, 2 values)."""
     del suite
@@ -104,8 +109,7 @@ def stress(suite: str) -> dict:
     - controller: pattern arms with Group-DRO weights against the uniform draw.
     """
     del suite
-    mi = lambda **kw: {"method": "modalimmune", **OLD_DEFAULTS,
-                       **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = _mi_old_defaults
     misset = {"mi.strength": 0.3, "mi.reg_weight": 10.0, "loss.reconstruction": 10.0,
               "mi.meta_every": 10, "mi.meta_lr": 0.1}
     lr = {"optimizer.lr": 2e-2, "mi.collapse_weight": 5.0}
@@ -129,8 +133,7 @@ def meta_params(suite: str) -> dict:
     this sweep; results/selection/*_meta_params.md were written when all of phi was the default,
     so their ``modalimmune`` row is ``modalimmune_meta_all``)."""
     del suite
-    mi = lambda **kw: {"method": "modalimmune", **OLD_DEFAULTS,
-                       **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = _mi_old_defaults
     return {"modalimmune_meta_all": mi(meta_params=ALL_PHI),
             "modalimmune_meta_strength": mi(meta_params="strength"),
             "modalimmune-no_meta": mi(meta=False)}

@@ -44,6 +44,7 @@ from flax import nnx
 import data_pipelines
 from modalimmune_jax import curvature, hypergrad, losses, methods, spectral
 from modalimmune_jax.model import collapse_target
+from modalimmune_jax.studies.suite import ABLATION_COMPONENTS
 from modalimmune_jax.training import config as config_lib
 from modalimmune_jax.training import files, trainer
 from modalimmune_jax.training import mesh as mesh_lib
@@ -54,7 +55,7 @@ STEP_METHODS = ("erm", "moddrop", "consistency", "ogm_ge", "modalimmune-none", "
                 "modalimmune-all")
 LOOP_METHODS = ("erm", "modalimmune")
 # ModalImmune with every component off (studies.suite's modalimmune-none); -all: every one on.
-NONE_SWITCHES = ("controller", "collapse", "regularizer", "curvature", "meta")
+NONE_SWITCHES = ABLATION_COMPONENTS
 HYPERGRAD_TERMS = (5, 20, 80)
 # The per-term cost is the slope between these; far apart, so the slope stands above timing noise.
 NEUMANN_TERMS = (2, 42)

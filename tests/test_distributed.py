@@ -75,8 +75,15 @@ def _check_sharded_grads_match_one_device(workdir, *, meta):
     rng = jax.random.key(3)
 
     def grads_fn(params, extra, batch, meta_batch):
-        return method.grads(params, extra, batch, rng, step=jax.numpy.int32(step),
-                            meta_batch=meta_batch)
+        g, new_extra, meas, tx_args = method.grads(params, extra, batch, rng,
+                                                   step=jax.numpy.int32(step),
+                                                   meta_batch=meta_batch)
+        if meta:  # the meta-update is the method's periodic update, beside the step
+            assert method.periodic.due(step)
+            new_extra, changed = method.periodic.apply(new_extra, method.periodic.compute(
+                params, extra, batch, rng, step=jax.numpy.int32(step), meta_batch=meta_batch))
+            meas = {**meas, **changed}
+        return g, new_extra, meas, tx_args
 
     one = SingleDeviceSharding(jax.devices()[0])
     put1 = lambda t: jax.device_put(t, one)

@@ -279,6 +279,61 @@ def test_modalimmune_state_and_trainer_contract():
                        info=info, config=config).transform is None
 
 
+def test_meta_update_beside_the_step_equals_it_fused_into_the_step():
+    """The meta-update as the method's own programs around the step (`step.FlatStep.run`: compute,
+    step, merge on due steps) against the form it replaced: the same update in a ``lax.cond``
+    inside ``grads``, from the pre-step state, reverted with the rest of the method's state when
+    the step is skipped. Steps 0-6 with a meta-update every 2 steps, the curvature mask on, and a
+    NaN batch on due step 4 (skipped: phi keeps its value there)."""
+    from modalimmune_jax.methods.modalimmune import MetaUpdate
+
+    info, config, graphdef, params, batch = _toy()
+    with config.unlocked():
+        config.method = "modalimmune"
+        config.mi.update({"meta_every": 2, "meta_lr": 0.1, "curvature": False, "ig_every": 3,
+                          "curv_every": 3, "neumann_terms": 3, "num_lanczos_iters": 4})
+    method = make_method("modalimmune", make_apply_fns(graphdef), info=info, config=config)
+    periodic = method.periodic
+    assert [s for s in range(7) if periodic.due(s)] == [2, 4, 6]
+
+    def fused_grads(params, state, batch, rng, *, step, meta_batch):
+        g, new_state, meas, tx_args = method.grads(params, state, batch, rng, step=step,
+                                                   meta_batch=meta_batch)
+        unchanged = MetaUpdate(new_state.phi, new_state.meta_opt, new_state.cert,
+                               new_state.meta_skips)
+        new_state, changed = jax.lax.cond(
+            (step > 0) & (step % 2 == 0),
+            lambda: periodic.apply(new_state, periodic.compute(
+                params, state, batch, rng, step=step, meta_batch=meta_batch)),
+            lambda: periodic.apply(new_state, unchanged))
+        return g, new_state, {**meas, **changed}, tx_args
+
+    fused = method._replace(grads=fused_grads, periodic=None)
+    tx, _ = step.make_optimizer(config, transform=method.transform)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rng_loop = jax.random.key(3)
+
+    def flat_step(m):
+        state = jax.jit(step.make_init_fn(None, tx, m))(None, params)  # no shared buffers
+        flat = step.jit_flat_step(step.make_train_step(m, tx), state, replicated=one,
+                                  data_sharding=one, periodic=m.periodic)
+        return flat, flat.leaves(state)
+
+    (ours, ours_leaves), (ref, ref_leaves) = flat_step(method), flat_step(fused)
+    nan_batch = {**batch, "seq": batch["seq"].at[0, 0, 0].set(jnp.nan)}
+    phis = []
+    for s in range(7):
+        b = nan_batch if s == 4 else batch
+        ours_leaves, ours_meas = ours.run(ours_leaves, b, batch, rng_loop, step=s)
+        ref_leaves, ref_meas = ref.run(ref_leaves, b, batch, rng_loop, step=s)
+        chex.assert_trees_all_close(ours_leaves, ref_leaves, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(ours_meas, ref_meas, rtol=1e-6, atol=1e-7)
+        assert int(ours_meas["skipped"]) == (s == 4)
+        phis.append(float(ours.state(ours_leaves)["extra"].phi.logit_strength))
+    # The check bites: phi moved on due steps 2 and 6 only (4 was skipped), and not between.
+    assert phis[0] == phis[1] != phis[2] == phis[3] == phis[4] == phis[5] != phis[6], phis
+
+
 def test_meta_update_moves_only_the_chosen_components():
     """config.mi.meta_params: a meta-update moves exactly the named components of phi (adam's
     first step moves each by about meta_lr, so a moved one is far from where it started). Every
@@ -290,8 +345,9 @@ def test_meta_update_moves_only_the_chosen_components():
                           "curvature": False, "controller": False})
     method = make_method("modalimmune", make_apply_fns(graphdef), info=info, config=config)
     state = method.init(params)
-    _, new_state, meas, _ = jax.jit(lambda p, s, b: method.grads(
-        p, s, b, jax.random.key(0), step=jnp.int32(1), meta_batch=b))(params, state, batch)
+    assert method.periodic.due(1)
+    new_state, meas = jax.jit(lambda p, s, b: method.periodic.apply(s, method.periodic.compute(
+        p, s, b, jax.random.key(0), step=jnp.int32(1), meta_batch=b)))(params, state, batch)
     assert int(meas["meta_skips"]) == 0, meas["cert/valid"]
     chosen = {META_PARAMS[n] for n in meta_params.split(",")}
     for field in META_PARAMS.values():

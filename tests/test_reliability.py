@@ -405,14 +405,15 @@ def toy_meta_step():
     @jax.jit
     def step_fn(params, extra, batch, rng, meta_batch, damping):
         config.mi.damping = damping
-        return method.grads(params, extra, batch, rng, step=jnp.int32(1), meta_batch=meta_batch)
+        pending = method.periodic.compute(params, extra, batch, rng, step=jnp.int32(1),
+                                          meta_batch=meta_batch)
+        return method.periodic.apply(extra, pending)
 
     extra = method.init(params)
 
     def run(damping):
-        _, new_extra, meas, _ = step_fn(params, extra, batch(jax.random.key(1)),
-                                        jax.random.key(2), batch(jax.random.key(3)),
-                                        jnp.float32(damping))
+        new_extra, meas = step_fn(params, extra, batch(jax.random.key(1)), jax.random.key(2),
+                                  batch(jax.random.key(3)), jnp.float32(damping))
         return extra, new_extra, meas
 
     return run

@@ -1,13 +1,14 @@
 """Training methods, selected by ``config.method`` (DESIGN.md §4).
 
-Each is a `base.Method` (``init``, ``grads``, an optional optimizer ``transform``); the trainer
-applies its gradient with one shared optimizer, non-finite guard, sharding and checkpointing. A
-new method is a module here, an entry in `FACTORIES` (and in `CONFIG_CHECKS` if its config
-block has rules), a config block and a test (docs/architecture.md).
+Each is a `base.Method` (``init``, ``grads``, an optional optimizer ``transform``, an optional
+`base.Periodic` update); the trainer applies its gradient with one shared optimizer, non-finite
+guard, sharding and checkpointing. A new method is a module here, an entry in `FACTORIES` (and
+in `CONFIG_CHECKS` if its config block has rules), a config block and a test
+(docs/architecture.md).
 """
 
 from modalimmune_jax.methods import modalimmune, ogm_ge
-from modalimmune_jax.methods.base import Method, check_number, loss_method
+from modalimmune_jax.methods.base import Method, Periodic, check_number, loss_method
 from modalimmune_jax.methods.baselines import (
     make_consistency_loss,
     make_erm_loss,
@@ -44,5 +45,5 @@ def make_method(name, apply_fns, *, info, config) -> Method:
     return FACTORIES[name](apply_fns, info=info, config=config)
 
 
-__all__ = ["CONFIG_CHECKS", "FACTORIES", "METHODS", "MULTIMODAL_ONLY", "Method", "check_config",
-           "check_number", "loss_method", "make_method"]
+__all__ = ["CONFIG_CHECKS", "FACTORIES", "METHODS", "MULTIMODAL_ONLY", "Method", "Periodic",
+           "check_config", "check_number", "loss_method", "make_method"]

@@ -1,6 +1,7 @@
 """The ModalImmune training step (DESIGN.md §3.6): every component switchable under ``config.mi``.
 
-One call of ``grads`` runs four named sub-steps inside one jitted step:
+One call of ``grads`` runs three named sub-steps inside one jitted step, and the meta-update
+runs beside it on its steps:
 
 1. **Controller** (§3.1, `controller_step`): every ``ig_every`` steps (``lax.cond``) the signed
    leave-one-out gain ``IG`` refreshes the EMA ``G``. Each example (``mi.per_example``; else the
@@ -23,14 +24,17 @@ One call of ``grads`` runs four named sub-steps inside one jitted step:
    the Hessian diagonal of the clean task loss (Hutchinson, refreshed every ``curv_every`` steps
    into an EMA) goes with the destructive gradient to the method's ``transform``,
    `curvature_mask.curvature_mask`, first in the trainer's optimizer chain (``tx_args``).
-4. **Meta-parameters** (§3.4, `meta_step`): every ``meta_every`` steps the certified Neumann
+4. **Meta-parameters** (§3.4, `meta_update`): every ``meta_every`` steps the certified Neumann
    hypergradient of the robust validation loss (the mean task loss over every missing-modality
    pattern of a held-out batch) updates ``φ = (logit strength, log λ_c, log λ_r)`` with its own
-   adam; a step whose certificate is invalid is skipped and counted.
+   adam; a step whose certificate is invalid is skipped and counted. It is the method's
+   `base.Periodic` update, a program of its own that the trainer runs before the step on those
+   steps (from the pre-step params and this step's removal), not a branch of every step.
 
 Cost (issue 15): at the default ``gamma = 0`` the collapse is its closed form (no SVD); the null
 embedding is computed once per possible sequence length, not per example; the effective-rank
-diagnostic runs only on logged steps; with the curvature mask off there is one cotangent.
+diagnostic runs only on logged steps; with the curvature mask off there is one cotangent; the
+meta-update is not compiled into the step.
 """
 
 from typing import NamedTuple
@@ -44,7 +48,7 @@ from modalimmune_jax import controller as ctrl_lib
 from modalimmune_jax import curvature, hypergrad, losses, robustness, spectral
 from modalimmune_jax.curvature_mask import curvature_mask, split_gradients_joint
 from modalimmune_jax.interventions import drop_modalities, training_mask
-from modalimmune_jax.methods.base import Method
+from modalimmune_jax.methods.base import Method, Periodic
 from modalimmune_jax.methods.baselines import prediction_divergence
 from modalimmune_jax.model import collapse_target
 
@@ -107,6 +111,15 @@ class ModalImmuneState(NamedTuple):
     cert: Certificate
     meta_skips: jax.Array
     effective_rank: jax.Array
+
+
+class MetaUpdate(NamedTuple):
+    """A meta-update's result: the `ModalImmuneState` fields it replaces."""
+
+    phi: MetaParams
+    meta_opt: optax.OptState
+    cert: Certificate
+    meta_skips: jax.Array
 
 
 class Removal(NamedTuple):
@@ -353,31 +366,42 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             return curvature.update_curvature_ema(e, diag, decay=mi.curv_decay)
         return jax.lax.cond(step % mi.curv_every == 0, refresh, lambda e: e, ema)
 
-    # 4. Meta-parameters.
-    def meta_step(state, params, batch, meta_batch, hit, key, k_dropout, step):
-        """``(phi, meta_opt, cert, meta_skips)`` after the certified meta-update, if it is due."""
-        def update(args):
-            phi, meta_opt, _, skips = args
-            hg, c = hypergrad.implicit_hypergradient(
-                lambda p, f: objective(p, batch, f, hit, k_dropout)[0][0],
-                lambda p: robust_val_loss(p, meta_batch), params, phi,
-                num_terms=mi.neumann_terms, damping=mi.damping, key=key,
-                num_lanczos_iters=mi.num_lanczos_iters, floor_curvature=mi.floor_curvature)
-            # Only the chosen components move (mi.meta_params); the others keep their values.
-            hg = MetaParams(*[g if name in meta_fields else jnp.zeros_like(g)
-                              for name, g in zip(MetaParams._fields, hg, strict=True)])
-            ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                                                 for x in jax.tree.leaves(hg)]))
-            upd, new_opt = meta_tx.update(hg, meta_opt, phi)
-            new_phi = optax.apply_updates(phi, upd)
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-            cert = Certificate(**{k: jnp.asarray(c[k], jnp.float32) for k in Certificate._fields})
-            return (pick(new_phi, phi), pick(new_opt, meta_opt), cert,
-                    skips + (1 - ok.astype(jnp.int32)))
-        args = (state.phi, state.meta_opt, state.cert, state.meta_skips)
-        if not mi.meta:
-            return args
-        return jax.lax.cond((step % mi.meta_every == 0) & (step > 0), update, lambda a: a, args)
+    # 4. Meta-parameters: a `Periodic` update, its own program (methods/base.py says why).
+    def meta_update(state, params, batch, meta_batch, hit, key, k_dropout) -> MetaUpdate:
+        """The certified meta-update of ``(phi, meta_opt, cert, meta_skips)`` at ``params``."""
+        hg, c = hypergrad.implicit_hypergradient(
+            lambda p, f: objective(p, batch, f, hit, k_dropout)[0][0],
+            lambda p: robust_val_loss(p, meta_batch), params, state.phi,
+            num_terms=mi.neumann_terms, damping=mi.damping, key=key,
+            num_lanczos_iters=mi.num_lanczos_iters, floor_curvature=mi.floor_curvature)
+        # Only the chosen components move (mi.meta_params); the others keep their values.
+        hg = MetaParams(*[g if name in meta_fields else jnp.zeros_like(g)
+                          for name, g in zip(MetaParams._fields, hg, strict=True)])
+        ok = c["valid"] & jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                                             for x in jax.tree.leaves(hg)]))
+        upd, new_opt = meta_tx.update(hg, state.meta_opt, state.phi)
+        new_phi = optax.apply_updates(state.phi, upd)
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
+        cert = Certificate(**{k: jnp.asarray(c[k], jnp.float32) for k in Certificate._fields})
+        return MetaUpdate(pick(new_phi, state.phi), pick(new_opt, state.meta_opt), cert,
+                          state.meta_skips + (1 - ok.astype(jnp.int32)))
+
+    def meta_compute(params, state, batch, rng, *, step, meta_batch) -> MetaUpdate:
+        """`Periodic.compute`: this step's removal drawn as ``grads`` draws it, then the update."""
+        k_target, k_absent, _, k_meta, k_dropout = step_keys(rng)
+        hit = draw_removal(state, params, batch, k_target, k_absent, step)[-1]
+        return meta_update(state, params, batch, meta_batch, hit, k_meta, k_dropout)
+
+    def meta_apply(state: ModalImmuneState, pending: MetaUpdate):
+        """`Periodic.apply`: the update into the state, and the measurements it changes."""
+        state = state._replace(**pending._asdict())
+        return state, meta_measurements(state)
+
+    def meta_measurements(state: ModalImmuneState) -> dict:
+        return {"meta_skips": state.meta_skips,
+                "reg_weight": jnp.exp(state.phi.log_reg_weight),
+                "rec_weight": jnp.exp(state.phi.log_rec_weight),
+                **{f"cert/{k}": v for k, v in state.cert._asdict().items()}}
 
     def diagnostics_step(state, z, target, step):
         """The most-hit target's effective rank, on logged steps only (an SVD of ``[B, d]``)."""
@@ -400,12 +424,23 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             cert=Certificate(*[zero] * len(Certificate._fields)),
             meta_skips=jnp.zeros([], jnp.int32), effective_rank=zero)
 
-    def grads(params, state: ModalImmuneState, batch, rng, *, step, meta_batch):
+    def step_keys(rng):
+        """``(k_target, k_absent, k_curv, k_meta, k_dropout)``, the same in ``grads`` and the
+        meta-update, so both see this step's removal."""
         k_target, k_absent, k_curv, k_meta = jax.random.split(rng, 4)
-        k_dropout = jax.random.fold_in(rng, 5)
+        return k_target, k_absent, k_curv, k_meta, jax.random.fold_in(rng, 5)
+
+    def draw_removal(state, params, batch, k_target, k_absent, step):
+        """``(controller, last_ig, target, hit)``: the controller's sub-step and its `Removal`."""
         controller, last_ig, target, weights = controller_step(state, params, batch, k_target,
                                                                step)
-        hit = removal(batch, target, weights, k_absent)
+        return controller, last_ig, target, removal(batch, target, weights, k_absent)
+
+    def grads(params, state: ModalImmuneState, batch, rng, *, step, meta_batch):
+        del meta_batch  # the meta-update's (`Periodic`), not the step's
+        k_target, k_absent, k_curv, _, k_dropout = step_keys(rng)
+        controller, last_ig, target, hit = draw_removal(state, params, batch, k_target,
+                                                        k_absent, step)
         loss_fn = lambda p: objective(p, batch, state.phi, hit, k_dropout)
         tx_args = {}
         curv = state.curvature
@@ -422,11 +457,8 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             (total, (destructive, (aux, z))), g = jax.value_and_grad(total_fn, has_aux=True)(
                 params)
         controller, last_ig = gains_from_branches(controller, last_ig, aux, step)
-        phi, meta_opt, cert, meta_skips = meta_step(state, params, batch, meta_batch, hit,
-                                                    k_meta, k_dropout, step)
-        new_state = ModalImmuneState(
-            controller=controller, last_ig=last_ig, curvature=curv, phi=phi, meta_opt=meta_opt,
-            cert=cert, meta_skips=meta_skips,
+        new_state = state._replace(
+            controller=controller, last_ig=last_ig, curvature=curv,
             effective_rank=diagnostics_step(state, z, target, step))
         aux = {k: v for k, v in aux.items() if k != "branch_task_loss"}
         meas = {**aux, "loss": total, "destructive_loss": destructive,
@@ -434,13 +466,11 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
                 # How often each modality was collapsed in this batch, and how many per example.
                 **{f"target_rate/{m}": jnp.mean(target[..., i]) for i, m in enumerate(mods)},
                 "num_targets": jnp.mean(jnp.sum(target, axis=-1)),
-                "meta_skips": meta_skips,
-                "reg_weight": jnp.exp(phi.log_reg_weight),
-                "rec_weight": jnp.exp(phi.log_rec_weight),
+                **meta_measurements(new_state),
                 **{f"ig/{m}": last_ig[i] for i, m in enumerate(arms)},
-                **{f"gain_ema/{m}": controller.gain_ema[i] for i, m in enumerate(arms)},
-                **{f"cert/{k}": v for k, v in cert._asdict().items()}}
+                **{f"gain_ema/{m}": controller.gain_ema[i] for i, m in enumerate(arms)}}
         return g, new_state, meas, tx_args
 
-    return Method(init=init, grads=grads, transform=make_transform(config))
-
+    periodic = (Periodic(due=lambda step: step > 0 and step % mi.meta_every == 0,
+                         compute=meta_compute, apply=meta_apply) if mi.meta else None)
+    return Method(init=init, grads=grads, transform=make_transform(config), periodic=periodic)

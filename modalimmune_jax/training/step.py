@@ -90,6 +90,32 @@ def make_train_step(method, tx, schedule=None):
     return train_step
 
 
+def make_periodic_step(periodic):
+    """``(compute, merge)`` over the train state for a method's `methods.Periodic` update.
+
+    ``compute(train_state, batch, meta_batch, rng_loop) -> pending`` runs before the step, from
+    the pre-step state and the step's own key (``fold_in(rng_loop, step)``);
+    ``merge(train_state, measurements, pending) -> (train_state, measurements)`` runs after it and
+    keeps the step's state where the step's update was skipped (``skipped``), as the step itself
+    keeps the method's old state then.
+    """
+
+    def compute(train_state, batch, meta_batch, rng_loop):
+        step = train_state["step"]
+        return periodic.compute(train_state["params"], train_state["extra"], batch,
+                                jax.random.fold_in(rng_loop, step), step=step,
+                                meta_batch=meta_batch)
+
+    def merge(train_state, meas, pending):
+        old = train_state["extra"]
+        extra, changed = periodic.apply(old, pending)
+        finite = meas["skipped"] == 0
+        extra = jax.tree.map(lambda new, o: jnp.where(finite, new, o), extra, old)
+        return {**train_state, "extra": extra}, {**meas, **changed}
+
+    return compute, merge
+
+
 class FlatStep(NamedTuple):
     """A jitted train step over the train state's *leaves* (a flat list), and the state's treedef.
 
@@ -97,10 +123,23 @@ class FlatStep(NamedTuple):
     it builds 105 (erm) to 197 (modalimmune) Variables per step on the host, 1.4 to 3.3 ms of
     dispatch on the digits model (issue 15) -- as long as erm's whole step. The loop keeps the
     leaves between steps and rebuilds the state only where it is read (evaluation, checkpoint).
+    With a `methods.Periodic` update, `run` dispatches its two programs around the step on the
+    steps where it is due (``compute`` and ``merge``, jitted; `make_periodic_step`).
     """
 
     step: Callable  # (leaves, batch, meta_batch, rng_loop) -> (leaves, measurements)
     treedef: Any
+    due: Callable[[int], bool] = lambda step: False
+    compute: Callable | None = None  # (leaves, batch, meta_batch, rng_loop) -> pending
+    merge: Callable | None = None  # (leaves, measurements, pending) -> (leaves, measurements)
+
+    def run(self, leaves, batch, meta_batch, rng_loop, *, step: int):
+        """One training step at ``step`` (the state's own counter, as a host int)."""
+        if self.compute is None or not self.due(step):
+            return self.step(leaves, batch, meta_batch, rng_loop)
+        pending = self.compute(leaves, batch, meta_batch, rng_loop)
+        leaves, meas = self.step(leaves, batch, meta_batch, rng_loop)
+        return self.merge(leaves, meas, pending)
 
     def leaves(self, train_state) -> list:
         return jax.tree.leaves(train_state)
@@ -109,20 +148,37 @@ class FlatStep(NamedTuple):
         return jax.tree.unflatten(self.treedef, leaves)
 
 
-def jit_flat_step(train_step, abstract_state, *, replicated, data_sharding) -> FlatStep:
+def jit_flat_step(train_step, abstract_state, *, replicated, data_sharding,
+                  periodic=None) -> FlatStep:
     """`FlatStep` for ``train_step`` (`make_train_step`): the state donated and replicated, the
-    batch and meta batch sharded like ``data_sharding``, ``rng_loop`` host-local."""
+    batch and meta batch sharded like ``data_sharding``, ``rng_loop`` host-local; with the
+    method's ``periodic`` update (`methods.Periodic`, or None) jitted the same way."""
     treedef = jax.tree.structure(abstract_state)
+    unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)
 
     @functools.wraps(train_step)  # compiles as jit(train_step), as the logs and tests name it
     def flat(leaves, batch, meta_batch, rng_loop):
-        new_state, meas = train_step(jax.tree.unflatten(treedef, leaves), batch, meta_batch,
-                                     rng_loop)
+        new_state, meas = train_step(unflat(leaves), batch, meta_batch, rng_loop)
         return jax.tree.leaves(new_state), meas
 
-    return FlatStep(jax.jit(flat, donate_argnums=(0,),
-                            in_shardings=(replicated, data_sharding, data_sharding, None),
-                            out_shardings=(replicated, replicated)), treedef)
+    inputs = (replicated, data_sharding, data_sharding, None)
+    step = jax.jit(flat, donate_argnums=(0,), in_shardings=inputs,
+                   out_shardings=(replicated, replicated))
+    if periodic is None:
+        return FlatStep(step, treedef)
+    compute, merge = make_periodic_step(periodic)
+
+    def flat_compute(leaves, batch, meta_batch, rng_loop):
+        return compute(unflat(leaves), batch, meta_batch, rng_loop)
+
+    def flat_merge(leaves, meas, pending):
+        new_state, meas = merge(unflat(leaves), meas, pending)
+        return jax.tree.leaves(new_state), meas
+
+    return FlatStep(
+        step, treedef, due=periodic.due,
+        compute=jax.jit(flat_compute, in_shardings=inputs, out_shardings=replicated),
+        merge=jax.jit(flat_merge, donate_argnums=(0,), out_shardings=(replicated, replicated)))
 
 
 def make_init_fn(build_model, tx, method):

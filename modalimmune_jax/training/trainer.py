@@ -258,7 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     # Over the state's leaves (`step.FlatStep`): rng_loop is a host-local key, the same on every
     # process.
     flat_step = jit_flat_step(make_train_step(method, tx, schedule), abstract_state,
-                              replicated=replicated, data_sharding=data_sharding)
+                              replicated=replicated, data_sharding=data_sharding,
+                              periodic=method.periodic)
     meta_batch = make_meta_batch(valid_arrays, config.batch_size, put)
 
     # 7. Restore: the workdir's own latest checkpoint, else the configured init or scratch.
@@ -314,7 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                          dynamic_ncols=True):
             data_state, batch = next(batches)
             profile.before(step)
-            leaves, meas = flat_step.step(leaves, batch, meta_batch, rng_loop)
+            leaves, meas = flat_step.run(leaves, batch, meta_batch, rng_loop, step=step)
             profile.after(step, leaves)
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:

@@ -247,9 +247,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # at lr 0.1) the meta-update raised the strength to ~0.93 but the loss weights to 280-640,
     # and cost 18 points of missing Avg (docs/results.md); at these defaults it barely moves phi.
     # Off at the old defaults on VALID (*_defaults.md): -0.2 / -0.1 digits, +0.0 / -0.0
-    # synthetic, +0.2 / +0.2 npz. Kept on: under stress the strength alone pays +3.2 / +1.0
-    # (3.1 / 1.3 pooled std), and a mis-set phi is what a new dataset brings.
-    config.mi.meta = True
+    # synthetic, +0.2 / +0.2 npz; under stress (old defaults, 500 steps) the strength alone paid
+    # +3.2 / +1.0 (3.1 / 1.3 pooled std), so it stayed on, every 50 steps at lr 0.05.
+    # Off since issue 15's session (results/selection/*_meta_cadence.md, VALID, today's defaults,
+    # 3 seeds; hetero npz 6; margin of missing Avg zero / mask against no meta-update): at the
+    # configured strength, every 50 steps at lr 0.05 gives -0.2 / -0.1 digits, +0.0 / -0.0
+    # synthetic, +0.1 / +0.1 npz; every 100 at lr 0.1 -0.4 / -0.1, +0.0 / -0.0, +0.4 / +0.3
+    # (+0.9 / +0.7, 1.6 pooled std, on seeds 0-2; seeds 3-5 did not repeat it). With the
+    # strength mis-set to 0.3, every 50 at lr 0.05 moves it only to ~0.47 in 1500 steps and pays
+    # +0.5 / -0.6, +0.1 / -0.0, -0.1 / -0.0; every 10 at lr 0.1 brings it back to ~0.98 and pays
+    # +5.2 / +0.1 (12.2 / 0.7 pooled std), +0.8 / -0.3, +2.3 / +0.0 (1.0 / 0.0): under `zero`
+    # only. So it fails the rule (at mi.regularizer) at every cadence tried, and it was the step's
+    # largest cost (139 ms per update on digits: 2.8 ms of a 7.9 ms step at every 50; its own
+    # program compiles in ~15 s). On, it runs at the cadence that does recover a mis-set
+    # strength (every 10, lr 0.1).
+    config.mi.meta = False
     # Which components of phi the meta-update moves (comma-separated: strength, reg_weight,
     # rec_weight); the others stay at their configured values. Chosen on VALID
     # (results/selection/*_meta_params.md, 3 seeds, missing Avg zero / mask against no
@@ -258,8 +270,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # std). Under stress (digits_stress.md, phi mis-set) all of phi cost 18 points and the
     # strength alone paid +3.2 / +1.0: "strength".
     config.mi.meta_params = "strength"
-    config.mi.meta_every = 50
-    config.mi.meta_lr = 0.05
+    config.mi.meta_every = 10
+    config.mi.meta_lr = 0.1
     config.mi.neumann_terms = 10
     config.mi.damping = 1.0
     # Raise the damping by the negative curvature Lanczos finds (hypergrad.neumann_inverse_hvp):

@@ -11,9 +11,11 @@ from experiments.configs import default
 
 # The meta-update on every component of phi (mi.meta_params; the default moves the strength only).
 ALL_PHI = "strength,reg_weight,rec_weight"
-# The defaults before the `defaults` sweep turned these off: the sets recorded under them
-# (`stress`, `meta_params`) pin them, so that they rerun what results/selection/ records.
-OLD_DEFAULTS = {"mi.regularizer": True, "mi.curvature": True}
+# The defaults before the `defaults` sweep turned the regularizer and the curvature mask off and
+# the `meta_cadence` sweep the meta-update: the sets recorded under them (`stress`,
+# `meta_params`) pin them, so that they rerun what results/selection/ records.
+OLD_DEFAULTS = {"mi.regularizer": True, "mi.curvature": True, "mi.meta": True,
+                "mi.meta_every": 50, "mi.meta_lr": 0.05}
 
 
 def _mi_old_defaults(**kw) -> dict:
@@ -154,6 +156,25 @@ def defaults(suite: str) -> dict:
                    **{f"mi.{c}": True for c in run.enabled}} for run in runs}}
 
 
+def meta_cadence(suite: str) -> dict:
+    """How often and how far the meta-update moves the strength (issue 15: the meta-update was the
+    step's largest cost; results/selection/*_meta_cadence.md). With the strength mis-set to 0.3
+    (the stress where the meta-update pays) and at the configured strength: no meta-update, the
+    cadence that was the default when this sweep ran (every 50 steps, lr 0.05; the variants
+    without a suffix), half as often at twice the lr, and every 10 at lr 0.1 (the stress sweep's,
+    and the cadence of ``mi.meta=True`` since)."""
+    del suite
+    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    every = lambda n, lr: {"meta": True, "meta_every": n, "meta_lr": lr}
+    out = {}
+    for prefix, extra in (("misset", {"strength": 0.3}), ("modalimmune", {})):
+        out.update({f"{prefix}-no_meta": mi(meta=False, **extra),
+                    f"{prefix}": mi(**every(50, 0.05), **extra),
+                    f"{prefix}-every100_lr0.1": mi(**every(100, 0.1), **extra)})
+    out["misset-every10_lr0.1"] = mi(**every(10, 0.1), strength=0.3)
+    return out
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
@@ -162,4 +183,4 @@ def first_look(suite: str) -> dict:
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
           "first_look": first_look, "oracle": oracle, "contenders": contenders,
           "stress": stress, "meta_params": meta_params,
-          "defaults": defaults}
+          "defaults": defaults, "meta_cadence": meta_cadence}

@@ -6,14 +6,16 @@ median, in seconds, after a warm-up run:
 - ``step_s``: one amortized train step of erm, moddrop, consistency, ogm_ge, modalimmune-none
   (ModalImmune with every component off: its floor), modalimmune and modalimmune-all (every
   component on, the regularizer and the curvature mask included, which are off by default),
-  each at the config's settings: the mean over a window of ``lcm(ig_every, curv_every, meta_every)`` steps, so every
-  amortized refresh (IG, Hutchinson, meta-update) falls in it as often as in training;
+  each at the config's settings: the mean over a window of ``lcm(ig_every, curv_every,
+  meta_every)`` steps, so every amortized refresh (IG, Hutchinson, meta-update) falls in it as
+  often as in training;
   ``first_call_s``: each method's first call at step 0 (trace and compile, then one step);
   ``periodic_first_call_s``: the first call at its first due step of a method with a periodic
   update (ModalImmune's meta-update: its own program; compile, then the update and one step);
 - ``loop_step_s``: one step of the real trainer loop (`training.trainer.train`: input pipeline,
-  prefetch, device put, logging) for erm and modalimmune, from its metrics.jsonl between two log
-  records; ``loop_over_step_throughput`` is ``step_s / loop_step_s`` (1: never input-bound);
+  prefetch, device put, logging) for erm and modalimmune, from its metrics.jsonl between the
+  second and the last log record, one window apart each (`time_loop`);
+  ``loop_over_step_throughput`` is ``step_s / loop_step_s`` (1: never input-bound);
 - ``modalimmune_step_s``: the modalimmune step at a step with no refresh (``plain``) and at steps
   where exactly one refresh fires; ``components_s``: what each refresh adds to its step
   (``controller_refresh``, ``hutchinson_refresh``, ``meta_update``), and ``collapse_regularizer``:
@@ -359,21 +361,25 @@ def time_loop(bench, method_name, *, steps):
     """One step of the real trainer loop, from its metrics.jsonl: seconds per step.
 
     `training.trainer.train` on the bench's data for `steps` steps (no evaluation or checkpoint
-    inside the timed span), logging every ``steps // 5``; the time between the first and the last
-    log record over the steps between them, so compile time and the final evaluation are out.
+    inside the timed span), logging every window (the method's refresh period, as in
+    `time_steps`; 20 steps for the baselines); the time from the second log record to the last,
+    so that the step's compile, the meta-update's (at its first due step, before the second
+    record) and the final evaluation are out, and every refresh fires in the timed span as often
+    as in training.
     """
     config = bench.method_config(method_name)
+    window = refresh_period(config.mi) if method_name.startswith("modalimmune") else 20
     with config.unlocked():
-        config.num_steps = steps
-        config.log_every = max(steps // 5, 1)
-        config.eval_every = config.checkpoint_every = steps
+        config.num_steps = max(steps, 3 * window)
+        config.log_every = window
+        config.eval_every = config.checkpoint_every = config.num_steps
         config.eval.protocol = "full"
         config.dataset.data_dir = bench.data_dir
     with tempfile.TemporaryDirectory() as workdir:
         trainer.train(config, workdir, progress=False)
         records = [r for r in files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
                    if "elapsed_s" in r]
-    first, last = records[0], records[-1]
+    first, last = records[1], records[-1]
     return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
 
 

@@ -91,6 +91,11 @@ def test_json_has_every_key(tiny_result):
             "loop_over_step_throughput/erm", "hvp_over_grad", "neumann_term_over_hvp",
             "pipeline_over_step", "hypergrad_compile_kmax_over_kmin"} <= set(r["ratios"])
     assert set(r["loop_step_s"]) == {"erm"} and set(r["first_call_s"]) == set(r["step_s"])
+    # The meta-update's own program compiles at its first due step, apart from the first call.
+    assert set(r["periodic_first_call_s"]) == ({"modalimmune", "modalimmune-all"} if meta
+                                               else set())
+    assert r["ratios"]["modalimmune_compile_total_s"] == (
+        r["first_call_s"]["modalimmune"] + r["periodic_first_call_s"].get("modalimmune", 0.0))
     # The floor's step is ModalImmune's with every component off, so it is no slower.
     assert r["ratios"]["modalimmune_over_none_step"] == (
         r["step_s"]["modalimmune"] / r["step_s"]["modalimmune-none"])

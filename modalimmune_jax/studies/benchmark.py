@@ -14,7 +14,7 @@ median, in seconds, after a warm-up run:
   update (ModalImmune's meta-update: its own program; compile, then the update and one step);
 - ``loop_step_s``: one step of the real trainer loop (`training.trainer.train`: input pipeline,
   prefetch, device put, logging) for erm and modalimmune, from its metrics.jsonl between the
-  second and the last log record, one window apart each (`time_loop`);
+  second and the last log record, whole windows apart (`time_loop`);
   ``loop_over_step_throughput`` is ``step_s / loop_step_s`` (1: never input-bound);
 - ``modalimmune_step_s``: the modalimmune step at a step with no refresh (``plain``) and at steps
   where exactly one refresh fires; ``components_s``: what each refresh adds to its step
@@ -361,17 +361,21 @@ def time_loop(bench, method_name, *, steps):
     """One step of the real trainer loop, from its metrics.jsonl: seconds per step.
 
     `training.trainer.train` on the bench's data for `steps` steps (no evaluation or checkpoint
-    inside the timed span), logging every window (the method's refresh period, as in
-    `time_steps`; 20 steps for the baselines); the time from the second log record to the last,
-    so that the step's compile, the meta-update's (at its first due step, before the second
+    inside the timed span), logging every ``config.log_every`` steps rounded up to whole windows
+    (the method's refresh period, as in `time_steps`); the time from the second log record to the
+    last, so that the step's compile, the meta-update's (at its first due step, before the second
     record) and the final evaluation are out, and every refresh fires in the timed span as often
     as in training.
     """
     config = bench.method_config(method_name)
-    window = refresh_period(config.mi) if method_name.startswith("modalimmune") else 20
+    window = refresh_period(config.mi) if method_name.startswith("modalimmune") else 1
+    # The config's own logging interval, rounded up to whole windows: a log record reads the
+    # step's measurements back to the host, so logging more often than training does would time
+    # the logging.
+    log_every = window * math.ceil(config.log_every / window)
     with config.unlocked():
-        config.num_steps = max(steps, 3 * window)
-        config.log_every = window
+        config.num_steps = max(steps, 3 * log_every)
+        config.log_every = log_every
         config.eval_every = config.checkpoint_every = config.num_steps
         config.eval.protocol = "full"
         config.dataset.data_dir = bench.data_dir

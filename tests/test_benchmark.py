@@ -23,9 +23,10 @@ def _numbers(tree):
 
 
 def test_refresh_schedule_by_hand():
-    mi = default.get_config("digits").mi  # ig_every=10, curv_every=20, meta_every=50
-    with mi.unlocked():
-        mi.curvature = True  # off by default
+    mi = default.get_config("digits").mi
+    with mi.unlocked():  # every refresh on, at periods chosen here
+        mi.update({"controller": True, "curvature": True, "meta": True, "ig_every": 10,
+                   "curv_every": 20, "meta_every": 50})
     assert benchmark.refresh_period(mi) == 100
     assert benchmark._refreshes(mi, 0) == {"controller_refresh", "hutchinson_refresh"}  # no meta
     assert benchmark._refreshes(mi, 1) == set()

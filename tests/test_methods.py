@@ -291,8 +291,8 @@ def test_meta_update_beside_the_step_equals_it_fused_into_the_step():
     info, config, graphdef, params, batch = _toy()
     with config.unlocked():
         config.method = "modalimmune"
-        config.mi.update({"meta_every": 2, "meta_lr": 0.1, "curvature": False, "ig_every": 3,
-                          "curv_every": 3, "neumann_terms": 3, "num_lanczos_iters": 4})
+        config.mi.update({"meta": True, "meta_every": 2, "meta_lr": 0.1, "curvature": False,
+                          "ig_every": 3, "neumann_terms": 3, "num_lanczos_iters": 4})
     method = make_method("modalimmune", make_apply_fns(graphdef), info=info, config=config)
     periodic = method.periodic
     assert [s for s in range(7) if periodic.due(s)] == [2, 4, 6]

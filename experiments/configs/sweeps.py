@@ -4,10 +4,10 @@ Each set is ``suite -> {variant name: {dotted config field: value}}``. The defau
 cite the sweep tables they come from (results/selection/).
 """
 
+import functools
 import itertools
 
 from experiments.configs import default
-
 
 # The meta-update on every component of phi (mi.meta_params; the default moves the strength only).
 ALL_PHI = "strength,reg_weight,rec_weight"
@@ -18,9 +18,14 @@ OLD_DEFAULTS = {"mi.regularizer": True, "mi.curvature": True, "mi.meta": True,
                 "mi.meta_every": 50, "mi.meta_lr": 0.05}
 
 
+def _mi(pinned: dict | None = None, **kw) -> dict:
+    """A ModalImmune variant: the `pinned` overrides (dotted keys), then ``mi.<k>`` ones."""
+    return {"method": "modalimmune", **(pinned or {}), **{f"mi.{k}": v for k, v in kw.items()}}
+
+
 def _mi_old_defaults(**kw) -> dict:
     """A ModalImmune variant at `OLD_DEFAULTS` with ``mi.<k>`` overrides."""
-    return {"method": "modalimmune", **OLD_DEFAULTS, **{f"mi.{k}": v for k, v in kw.items()}}
+    return _mi(OLD_DEFAULTS, **kw)
 
 
 def methods(suite: str) -> dict:
@@ -43,7 +48,7 @@ def methods(suite: str) -> dict:
 def modalimmune(suite: str) -> dict:
     """ModalImmune's formulation: the controller's arms, self-distillation, the strength spread."""
     del suite
-    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = _mi
     return {
         "mi_modality": mi(),
         "mi_pattern": mi(controller_mode="pattern", uniform=0.2),
@@ -59,8 +64,7 @@ def every_pattern(suite: str) -> dict:
     """Every removal pattern a branch of every step: uniform or Group-DRO weights, distillation,
     the strength spread; and the mechanisms that cost a cotangent or an SVD, off."""
     del suite
-    mi = lambda **kw: {"method": "modalimmune", "mi.every_pattern": True,
-                       **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = functools.partial(_mi, {"mi.every_pattern": True})
     return {
         "every_uniform": mi(uniform=1.0),
         "every_dro": mi(uniform=0.5),
@@ -148,9 +152,8 @@ def defaults(suite: str) -> dict:
     was on, digits_defaults_now.md at today's defaults."""
     from modalimmune_jax.studies import suite as suite_lib  # noqa: PLC0415 -- configs stay light
 
-    mi = default.get_config(suite).mi
-    runs = suite_lib.make_runs(["modalimmune"], ablation=True, floor=False, default_on=[
-        c for c in suite_lib.ABLATION_COMPONENTS if mi[c]])
+    runs = suite_lib.make_runs(["modalimmune"], ablation=True, floor=False,
+                               default_on=suite_lib.switches_on(default.get_config(suite).mi))
     return {"moddrop": {"method": "moddrop"}, **{
         run.name: {"method": run.method, **{f"mi.{c}": False for c in run.disabled},
                    **{f"mi.{c}": True for c in run.enabled}} for run in runs}}
@@ -164,7 +167,7 @@ def meta_cadence(suite: str) -> dict:
     without a suffix), half as often at twice the lr, and every 10 at lr 0.1 (the stress sweep's,
     and the cadence of ``mi.meta=True`` since)."""
     del suite
-    mi = lambda **kw: {"method": "modalimmune", **{f"mi.{k}": v for k, v in kw.items()}}
+    mi = _mi
     every = lambda n, lr: {"meta": True, "meta_every": n, "meta_lr": lr}
     out = {}
     for prefix, extra in (("misset", {"strength": 0.3}), ("modalimmune", {})):

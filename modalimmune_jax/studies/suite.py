@@ -105,6 +105,11 @@ def suite_config(suite: str, *, get_config, fast: bool = False, tiny: bool = Fal
     return config
 
 
+def switches_on(mi: ml_collections.ConfigDict) -> list[str]:
+    """The `ABLATION_COMPONENTS` a ``config.mi`` block has on (`make_runs`'s ``default_on``)."""
+    return [c for c in ABLATION_COMPONENTS if mi[c]]
+
+
 def make_runs(method_names: Sequence[str], *, ablation: bool, oracle: bool = False,
               modalities: Sequence[str] = (), floor: bool = True,
               default_on: Sequence[str] = ABLATION_COMPONENTS) -> list[Run]:
@@ -344,8 +349,7 @@ def reproduce(suite: str, out: str, *, get_config, seeds: int = 3, fast: bool = 
     if oracle is None:
         oracle = suite == "digits" and not fast
     runs = make_runs(method_names, ablation=ablation, oracle=oracle, modalities=info.modalities,
-                     floor=not quick,
-                     default_on=[c for c in ABLATION_COMPONENTS if base.mi[c]])
+                     floor=not quick, default_on=switches_on(base.mi))
     curve = CURVE_METRIC[info.metric_family]
     wall_path = os.path.join(out, "wall_times.json")
     wall = files.read_json(wall_path) if os.path.exists(wall_path) else {}

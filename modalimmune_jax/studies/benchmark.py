@@ -35,6 +35,7 @@ The step is the trainer's (`train.make_optimizer`, the method's ``grads``, the s
 donation), run on pre-placed batches, so step times exclude the input pipeline, measured apart.
 """
 
+import itertools
 import math
 import os
 import resource
@@ -212,7 +213,7 @@ def time_steps(bench, method_names, *, repeats, calls):
                      "window": (refresh_period(bench.method_config(name).mi)
                                 if name.startswith("modalimmune") else 20)}
         if step.flat.compute is not None:
-            due = next(s for s in range(1, start + 1) if step.flat.due(s))
+            due = next(s for s in itertools.count(1) if step.flat.due(s))
             out[name]["periodic_first_call_s"] = first_call(step, due)
         timed[name] = step
 

@@ -141,6 +141,46 @@ def test_get_state_set_state_resumes_the_same_sequence(setup):
     assert json.loads(state.decode())["last_seen_indices"]
 
 
+def _data_loader_twin(loader, worker_count=0):
+    """A `grain.DataLoader` over the same batches as an in-memory loader: the loader the trainer
+    used before the MapDataset iterator (issue 15), whose checkpoints must still resume."""
+    import grain
+
+    return grain.DataLoader(data_source=loader._source, sampler=loader._sampler, operations=[],
+                            worker_count=worker_count, shard_options=grain.sharding.NoSharding())
+
+
+def test_in_memory_iterator_is_checkpointed_as_grain_data_loader(setup):
+    loader = _loader(setup, num_epochs=None, shard_index=1, shard_count=2)
+    ours, theirs = iter(loader), iter(_data_loader_twin(loader))
+    assert ours.get_state() == theirs.get_state()  # nothing read yet: -1
+    for _ in range(5):  # past an epoch of this shard (11 rows, batches of 4)
+        a, b = next(ours), next(theirs)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        assert ours.get_state() == theirs.get_state()
+    # Either one's state resumes the other at the same batch.
+    state = theirs.get_state()
+    following = _ids(setup, [next(theirs) for _ in range(3)])
+    resumed = iter(_loader(setup, num_epochs=None, shard_index=1, shard_count=2))
+    resumed.set_state(state)
+    assert _ids(setup, [next(resumed) for _ in range(3)]) == following
+    back = iter(_data_loader_twin(loader))
+    back.set_state(resumed.get_state())
+    assert _ids(setup, [next(back) for _ in range(2)]) == _ids(setup, [next(resumed)
+                                                                       for _ in range(2)])
+
+
+def test_in_memory_iterator_refuses_another_loaders_state(setup):
+    state = iter(_loader(setup, num_epochs=None, seed=7)).get_state()
+    other = iter(_loader(setup, num_epochs=None, seed=8))
+    with pytest.raises(ValueError, match="does not match this loader: data_source.*seed=7"):
+        other.set_state(state)
+    workers = json.loads(state.decode()) | {"worker_count": 2}
+    with pytest.raises(ValueError, match="worker_count 2 in the checkpoint"):
+        other.set_state(json.dumps(workers).encode())
+
+
 def test_bad_split_and_unknown_dataset(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown split 'validation'"):
         load_split(setup[0], "validation", data_dir=setup[1])

@@ -13,8 +13,8 @@ median, in seconds, after a warm-up run:
   ``periodic_first_call_s``: the first call at its first due step of a method with a periodic
   update (ModalImmune's meta-update: its own program; compile, then the update and one step);
 - ``loop_step_s``: one step of the real trainer loop (`training.trainer.train`: input pipeline,
-  prefetch, device put, logging) for erm and modalimmune, from its metrics.jsonl between the
-  second and the last log record, whole windows apart (`time_loop`);
+  device put, logging) for erm and modalimmune, from its metrics.jsonl: the median over the
+  intervals between its log records from the second on, whole windows apart (`time_loop`);
   ``loop_over_step_throughput`` is ``step_s / loop_step_s`` (1: never input-bound);
 - ``modalimmune_step_s``: the modalimmune step at a step with no refresh (``plain``) and at steps
   where exactly one refresh fires; ``components_s``: what each refresh adds to its step
@@ -105,9 +105,15 @@ class _Bench:
             config.dataset, "train", data_dir=data_dir, batch_size=config.batch_size,
             seed=config.seed, shuffle=True, num_epochs=None, drop_remainder=True)
         it = iter(loader)
-        # A few distinct batches, placed once: step times exclude the input pipeline.
-        self.batches = [self.put(next(it)) for _ in range(4)]
         valid = data_pipelines.load_split(config.dataset, "valid", data_dir=data_dir)
+        # The trainer's put: one packed array per batch, unpacked inside the step.
+        self.packing = mesh_lib.BatchPacking.of(valid)
+        self.put_packed = mesh_lib.make_put_fn(mesh_lib.data_sharding(self.mesh), self.packing)
+        # A few distinct batches, placed once: step times exclude the input pipeline. ``batches``
+        # for the parts timed alone, ``packed`` for the trainer's step.
+        host = [next(it) for _ in range(4)]
+        self.batches = [self.put(b) for b in host]
+        self.packed = [self.put_packed(b) for b in host]
         self.meta_batch = step_lib.make_meta_batch(valid, config.batch_size, self.put)
         self.params = nnx.state(self.build_model(jax.random.key(config.seed)), nnx.Param)
 
@@ -133,7 +139,7 @@ class _Bench:
         flat = step_lib.jit_flat_step(step_lib.make_train_step(method, tx), state,
                                       replicated=self.replicated,
                                       data_sharding=mesh_lib.data_sharding(self.mesh),
-                                      periodic=method.periodic)
+                                      periodic=method.periodic, unpack=self.packing.unpack)
         return _TimedStep(flat, flat.leaves(state), jax.random.key(1), self.replicated)
 
     def clean_task(self, params, batch):
@@ -203,7 +209,7 @@ def time_steps(bench, method_names, *, repeats, calls):
     def first_call(step, at):
         step.at_step(at)
         compile_start = time.perf_counter()
-        step.run(bench.batches[:1], bench.meta_batch, 1)
+        step.run(bench.packed[:1], bench.meta_batch, 1)
         return time.perf_counter() - compile_start
 
     for name in method_names:
@@ -219,7 +225,7 @@ def time_steps(bench, method_names, *, repeats, calls):
 
     def window_run(name):
         timed[name].at_step(start)
-        return timed[name].run(bench.batches, bench.meta_batch, out[name]["window"])
+        return timed[name].run(bench.packed, bench.meta_batch, out[name]["window"])
 
     samples = {name: [] for name in method_names}
     for r in range(repeats + 1):  # the first round is a warm-up
@@ -247,7 +253,7 @@ def _modalimmune_refreshes(bench, step, calls):
         times = []
         for i in range(calls + 1):  # the first call is a warm-up
             step.at_step(s)
-            times.append(step.run(bench.batches[i % len(bench.batches):], bench.meta_batch, 1))
+            times.append(step.run(bench.packed[i % len(bench.packed):], bench.meta_batch, 1))
         return statistics.median(times[1:])
 
     step_times = {"+".join(sorted(k)) or "plain": at(s) for k, s in by_set.items()}
@@ -353,7 +359,7 @@ def time_pipeline(bench, *, num_batches):
     host = num_batches * config.batch_size / (time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(num_batches):
-        jax.block_until_ready(bench.put(next(it)))
+        jax.block_until_ready(bench.put_packed(next(it)))
     with_put = num_batches * config.batch_size / (time.perf_counter() - start)
     return {"host_samples_per_s": host, "with_put_samples_per_s": with_put}
 
@@ -361,12 +367,13 @@ def time_pipeline(bench, *, num_batches):
 def time_loop(bench, method_name, *, steps):
     """One step of the real trainer loop, from its metrics.jsonl: seconds per step.
 
-    `training.trainer.train` on the bench's data for `steps` steps (no evaluation or checkpoint
-    inside the timed span), logging every ``config.log_every`` steps rounded up to whole windows
-    (the method's refresh period, as in `time_steps`); the time from the second log record to the
-    last, so that the step's compile, the meta-update's (at its first due step, before the second
-    record) and the final evaluation are out, and every refresh fires in the timed span as often
-    as in training.
+    `training.trainer.train` on the bench's data for at least `steps` steps and 10 log records
+    (no evaluation or checkpoint inside the timed span), logging every ``config.log_every`` steps
+    rounded up to whole windows (the method's refresh period, as in `time_steps`). The result is
+    the median over the intervals between consecutive log records from the second on, so that
+    the step's compile, the meta-update's (at its first due step, before the second record) and
+    the final evaluation are out, every refresh fires in each interval as often as in training,
+    and one interval slowed by the shared host does not move it (the step times are medians too).
     """
     config = bench.method_config(method_name)
     window = refresh_period(config.mi) if method_name.startswith("modalimmune") else 1
@@ -375,7 +382,7 @@ def time_loop(bench, method_name, *, steps):
     # the logging.
     log_every = window * math.ceil(config.log_every / window)
     with config.unlocked():
-        config.num_steps = max(steps, 3 * log_every)
+        config.num_steps = log_every * max(math.ceil(steps / log_every), 10)
         config.log_every = log_every
         config.eval_every = config.checkpoint_every = config.num_steps
         config.eval.protocol = "full"
@@ -384,8 +391,8 @@ def time_loop(bench, method_name, *, steps):
         trainer.train(config, workdir, progress=False)
         records = [r for r in files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
                    if "elapsed_s" in r]
-    first, last = records[1], records[-1]
-    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+    return statistics.median((b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+                             for a, b in itertools.pairwise(records[1:]))
 
 
 def memory_stats():

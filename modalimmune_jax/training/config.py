@@ -17,7 +17,8 @@ from modalimmune_jax.training.errors import ConfigError
 # Fields a rerun may change without invalidating the checkpoints in a workdir.
 RESUMABLE_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints", "dataset.data_dir", "dataset.worker_count",
-                    "eval.batch_size", "eval.protocol", "eval.split", "preset", "profile_steps")
+                    "eval.batch_size", "eval.protocol", "eval.split", "preset", "profile_steps",
+                    "prefetch_batches")
 # Config fields that name a file or folder: resolved to absolute paths at the CLI boundary.
 PATH_FIELDS = ("dataset.path", "dataset.data_dir")
 # Old name -> new name. The old name keeps working for one release, with a warning.
@@ -163,7 +164,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
     _one_of(config, "mi.anchor", ("null", "mean"))
     _one_of(config, "mi.controller_mode", ("modality", "pattern"))
     _one_of(config, "mi.mask_mode", ("hard", "soft"))
-    for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps"):
+    for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps", "prefetch_batches"):
         value = get_field(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"config.{name} must be an integer >= 0, got {value!r}")

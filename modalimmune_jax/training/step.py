@@ -149,16 +149,19 @@ class FlatStep(NamedTuple):
 
 
 def jit_flat_step(train_step, abstract_state, *, replicated, data_sharding,
-                  periodic=None) -> FlatStep:
+                  periodic=None, unpack=None) -> FlatStep:
     """`FlatStep` for ``train_step`` (`make_train_step`): the state donated and replicated, the
     batch and meta batch sharded like ``data_sharding``, ``rng_loop`` host-local; with the
-    method's ``periodic`` update (`methods.Periodic`, or None) jitted the same way."""
+    method's ``periodic`` update (`methods.Periodic`, or None) jitted the same way. With
+    ``unpack`` (`mesh.BatchPacking.unpack`), the step takes the batch packed in one array and
+    unpacks it inside the program; the meta batch stays a dict."""
     treedef = jax.tree.structure(abstract_state)
     unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)
+    unpack = unpack or (lambda batch: batch)
 
     @functools.wraps(train_step)  # compiles as jit(train_step), as the logs and tests name it
     def flat(leaves, batch, meta_batch, rng_loop):
-        new_state, meas = train_step(unflat(leaves), batch, meta_batch, rng_loop)
+        new_state, meas = train_step(unflat(leaves), unpack(batch), meta_batch, rng_loop)
         return jax.tree.leaves(new_state), meas
 
     inputs = (replicated, data_sharding, data_sharding, None)
@@ -169,7 +172,7 @@ def jit_flat_step(train_step, abstract_state, *, replicated, data_sharding,
     compute, merge = make_periodic_step(periodic)
 
     def flat_compute(leaves, batch, meta_batch, rng_loop):
-        return compute(unflat(leaves), batch, meta_batch, rng_loop)
+        return compute(unflat(leaves), unpack(batch), meta_batch, rng_loop)
 
     def flat_merge(leaves, meas, pending):
         new_state, meas = merge(unflat(leaves), meas, pending)

@@ -237,6 +237,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         num_epochs=None, drop_remainder=True, shard_index=jax.process_index(),
         shard_count=jax.process_count()))
     valid_arrays = data_pipelines.load_split(config.dataset, "valid", data_dir=built.data_dir)
+    # Training batches travel packed in one array (`mesh.BatchPacking`); valid has their shapes.
+    packing = mesh_lib.BatchPacking.of(valid_arrays)
     final_arrays = (valid_arrays if config.eval.split == "valid" else
                     data_pipelines.load_split(config.dataset, "test", data_dir=built.data_dir))
 
@@ -259,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     # process.
     flat_step = jit_flat_step(make_train_step(method, tx, schedule), abstract_state,
                               replicated=replicated, data_sharding=data_sharding,
-                              periodic=method.periodic)
+                              periodic=method.periodic, unpack=packing.unpack)
     meta_batch = make_meta_batch(valid_arrays, config.batch_size, put)
 
     # 7. Restore: the workdir's own latest checkpoint, else the configured init or scratch.
@@ -279,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
     # 8. Evaluators.
     evaluator = make_evaluator(config, built, mesh)
-    data_state = train_iter.get_state()
+    data_state = train_iter.get_state  # the state after the last batch consumed, when called
 
     leaves = flat_step.leaves(train_state)
     del train_state  # from here on the loop holds its leaves (donated at every step)
@@ -287,9 +289,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     def save(step):
         checkpoint.save(mngr, step, state={"train": flat_step.state(leaves),
                                            "best_params": best_params},
-                        data_state=data_state, meta=meta)
+                        data_state=data_state(), meta=meta)
 
-    # 9. The loop. Batches are read and put on the devices one step ahead, in a thread.
+    # 9. The loop. Each batch is read and put on the devices while the previous step computes
+    # (dispatch is asynchronous), or by a thread with config.prefetch_batches > 0.
     def host_batches():
         for step in range(start_step, config.num_steps):
             batch = next(train_iter)
@@ -306,7 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             return train_iter.get_state()
 
     profile = _Profile(workdir, start_step + 1, config.profile_steps)
-    batches = mesh_lib.prefetch(_Batches(), put)
+    batches = mesh_lib.prefetch(_Batches(), mesh_lib.make_put_fn(data_sharding, packing),
+                                size=config.prefetch_batches)
     log_file = open(metrics_path, "a") if is_main else None  # noqa: SIM115
     t0 = time.time()
     try:

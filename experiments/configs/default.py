@@ -300,8 +300,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Batches read and put on the devices ahead of the step by a reader thread; 0: read in the
     # loop itself, between dispatches. Dispatch is asynchronous, so the loop already reads and
     # puts batch t+1 while step t computes; on a 2-core host the thread's wake-ups and GIL
-    # hand-offs cost more than they hide (synthetic, erm: 1.75 ms a step with a thread that
-    # does no work, 1.35 ms without; issue 15, docs/performance.md).
+    # hand-offs cost more than they hide (synthetic, erm: 1.83 ms a step reading in the loop,
+    # 1.92 with the thread, 1.75 with a thread that only hands over placed batches; issue 15,
+    # docs/performance.md).
     config.prefetch_batches = 0
 
     config.dataset = _dataset(preset)

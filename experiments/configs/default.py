@@ -216,7 +216,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Deprecated: config.removal.mask_prob (one rule for every method). Still read for one
     # release, with a warning, when set.
     config.mi.mask_prob = None
-    # Weight of the task loss on the collapsed representation.
+    # Weight of the task loss on the collapsed representation. 1.0 kept on VALID
+    # (results/selection/*_collapse_weight.md, 3 seeds, missing Avg zero / mask against 1.0):
+    # 0.5: +0.1 / +0.3 synthetic (3000 steps), -0.5 / -0.3 digits, +0.3 / +0.2 hetero npz;
+    # 0.25: +0.7 / +0.6, -0.6 / -0.6, +0.7 / +0.3. Not a win on every dataset, and synthetic's
+    # gain leaves it 1.6 points behind ModDrop.
     config.mi.collapse_weight = 1.0
     # Collapse regularizer R (§3.2) and its initial weight (a meta-parameter).
     # Off by default, chosen on VALID (results/selection/*_defaults.md: each mechanism off in turn

@@ -178,6 +178,15 @@ def meta_cadence(suite: str) -> dict:
     return out
 
 
+def collapse_weight(suite: str) -> dict:
+    """The weight of the collapsed branch's task loss (issue 13: on synthetic at 3000 steps
+    ModalImmune's valid missing Avg peaks at step 250 and declines, while ModDrop's peaks at
+    1000-1250; results/selection/synthetic_3000_checkpoints.md). ModDrop beside it, as the mark."""
+    del suite
+    return {"moddrop": {"method": "moddrop"}, "modalimmune": _mi(),
+            **{f"mi_cw{w}": _mi(collapse_weight=w) for w in (0.5, 0.25)}}
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
@@ -186,4 +195,4 @@ def first_look(suite: str) -> dict:
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
           "first_look": first_look, "oracle": oracle, "contenders": contenders,
           "stress": stress, "meta_params": meta_params,
-          "defaults": defaults, "meta_cadence": meta_cadence}
+          "defaults": defaults, "meta_cadence": meta_cadence, "collapse_weight": collapse_weight}

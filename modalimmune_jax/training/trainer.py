@@ -392,6 +392,16 @@ class Trained:
     mesh: Any
 
 
+def restore_target(config, built: Setup, mesh, hooks: Hooks = NO_HOOKS):
+    """A checkpoint's abstract pytree, built as in training (same optimizer and method state),
+    replicated on `mesh`: the restore checks every shape against it."""
+    method = _method(config, built, hooks)
+    tx, _ = make_optimizer(config, transform=method.transform)
+    init_fn = make_init_fn(built.build_model, tx, method)
+    return checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
+                                          mesh_lib.replicated(mesh))
+
+
 def load_trained(workdir: str, hooks: Hooks = NO_HOOKS) -> Trained:
     """Restores the best-on-valid params of `workdir`'s latest checkpoint, shapes checked.
 
@@ -400,13 +410,8 @@ def load_trained(workdir: str, hooks: Hooks = NO_HOOKS) -> Trained:
     """
     config = config_lib.load_config(workdir)
     mesh = mesh_lib.make_mesh()
-    replicated = mesh_lib.replicated(mesh)
     built = setup(config, workdir, hooks)
-    method = _method(config, built, hooks)
-    tx, _ = make_optimizer(config, transform=method.transform)
-    init_fn = make_init_fn(built.build_model, tx, method)
-    abstract = checkpoint.abstract_checkpoint(jax.eval_shape(init_fn, jax.random.key(0)),
-                                              replicated)
+    abstract = restore_target(config, built, mesh, hooks)
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     try:
         if mngr.latest_step() is None:

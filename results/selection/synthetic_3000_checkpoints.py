@@ -12,13 +12,11 @@ import json
 import os
 import sys
 
-import jax
 import orbax.checkpoint as ocp
 
+import data_pipelines
 from experiments.configs import default
-from modalimmune_jax import methods
 from modalimmune_jax.training import checkpoint, trainer
-from modalimmune_jax.training.step import make_init_fn, make_optimizer
 
 out = sys.argv[1]
 rows = {}
@@ -35,15 +33,9 @@ for method in ("moddrop", "modalimmune"):
             trainer.train(config, workdir, progress=False)
         run = trainer.load_trained(workdir)
         built = run.setup
-        method_obj = methods.make_method(config.method, built.apply_fns, info=built.info,
-                                         config=config)
-        tx, _ = make_optimizer(config, transform=method_obj.transform)
-        abstract = checkpoint.abstract_checkpoint(
-            jax.eval_shape(make_init_fn(built.build_model, tx, method_obj), jax.random.key(0)),
-            trainer.mesh_lib.replicated(run.mesh))
+        abstract = trainer.restore_target(run.config, built, run.mesh)
         evaluator = trainer.make_evaluator(config, built, run.mesh)
-        valid = trainer.data_pipelines.load_split(config.dataset, "valid",
-                                                  data_dir=built.data_dir)
+        valid = data_pipelines.load_split(config.dataset, "valid", data_dir=built.data_dir)
         mngr = checkpoint.manager(workdir, keep=100)
         curve = {}
         for step in sorted(mngr.all_steps()):

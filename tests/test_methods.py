@@ -34,6 +34,18 @@ def test_prediction_divergence_by_hand():
     np.testing.assert_allclose(prediction_divergence(jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0]),
                                                      task="regression"), [1.0, 4.0])
     assert float(prediction_divergence(q, q, task="classification")[0]) == 0.0
+    # The reference first: KL(p || q), p = softmax([log 0.5, log 0.5]), q = [0.25, 0.75].
+    q2, p2 = jnp.log(jnp.array([[0.25, 0.75]])), jnp.zeros((1, 2))
+    np.testing.assert_allclose(
+        prediction_divergence(q2, p2, task="classification", reference_first=True),
+        [0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)], rtol=1e-6)
+    np.testing.assert_allclose(
+        prediction_divergence(q2, p2, task="classification"),
+        [0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5)], rtol=1e-6)
+    # At T = 2: logits [0, 2] against [2, 0] become [0, 1] against [1, 0] (sq, sp above), x 4.
+    np.testing.assert_allclose(
+        prediction_divergence(2.0 * q, 2.0 * p, task="classification", temperature=2.0),
+        [4.0 * np.sum(sq * np.log(sq / sp))], rtol=1e-6)
 
 
 def _run_modalimmune(tmp_path, *, meta):
@@ -204,6 +216,48 @@ def _recording_fns(graphdef, records):
         return fns.head(params, z, mask, **kwargs)
 
     return ApplyFns(encode=fns.encode, head=head, reconstruct=fns.reconstruct, apply=fns.apply)
+
+
+@pytest.mark.parametrize("direction,temperature", [("collapsed_clean", 1.0),
+                                                   ("clean_collapsed", 2.0)])
+def test_distillation_is_the_hand_computed_kl_on_the_hit_examples(direction, temperature):
+    """mi.distill_weight / distill_kl / distill_temperature against a numpy KL of the two
+    branches' recorded logits, averaged over the examples that lost a modality, and its weight
+    in the destructive loss."""
+    info, config, graphdef, params, batch = _toy(batch_size=16)
+    with config.unlocked():
+        config.removal.mask_prob = 1.0  # every target flagged: the hit rows read off the mask
+        config.mi.update({"controller": False, "curvature": False, "meta": False,
+                          "regularizer": False, "p_clean": 0.3, "distill_weight": 0.5,
+                          "distill_kl": direction, "distill_temperature": temperature})
+    fns, records = make_apply_fns(graphdef), []
+
+    def head(params, z, mask, **kwargs):
+        h, preds = fns.head(params, z, mask, **kwargs)
+        jax.debug.callback(lambda m, p: records.append((np.asarray(m), np.asarray(p))), mask,
+                           preds, ordered=True)
+        return h, preds
+
+    method = make_method("modalimmune", ApplyFns(encode=fns.encode, head=head,
+                                                 reconstruct=fns.reconstruct, apply=fns.apply),
+                         info=info, config=config)
+    _, _, meas, _ = jax.block_until_ready(jax.jit(
+        lambda p, s, b, k: method.grads(p, s, b, k, step=jnp.int32(1), meta_batch=b))(
+            params, method.init(params), batch, jax.random.key(3)))
+    (_, clean), (hit_mask, col) = records
+    hit_mask, col = hit_mask.reshape(16, 3), col.reshape(16, 3).astype(np.float64)
+    rows = (hit_mask == 0).any(axis=1)
+    assert 0 < rows.sum() < 16
+    log_softmax = lambda x: x / temperature - np.log(np.exp(x / temperature).sum(-1, keepdims=True))
+    log_q, log_p = log_softmax(col), log_softmax(clean.astype(np.float64))
+    if direction == "clean_collapsed":
+        log_q, log_p = log_p, log_q
+    kl = temperature**2 * np.sum(np.exp(log_q) * (log_q - log_p), axis=-1)
+    np.testing.assert_allclose(float(meas["distill"]), kl[rows].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(meas["destructive_loss"]),
+        config.mi.collapse_weight * float(meas["collapsed_task_loss"]) + 0.5 * kl[rows].mean(),
+        rtol=1e-5)
 
 
 @pytest.mark.parametrize("collapse", [True, False])

@@ -116,6 +116,20 @@ def test_incompatible_workdir_is_refused(tmp_path):
         config_lib.check_workdir_compatible(path, config)
 
 
+def test_a_field_added_later_resumes_at_the_value_of_the_runs_before_it(tmp_path):
+    config = default.get_config("digits")
+    saved = config.to_dict()
+    del saved["mi"]["distill_kl"]  # a run written before the field existed
+    path = str(tmp_path / "config.json")
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    config_lib.check_workdir_compatible(path, config)  # "collapsed_clean": those runs' behaviour
+    with config.unlocked():
+        config.mi.distill_kl = "clean_collapsed"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.mi\.distill_kl was 'collapsed_clean'"):
+        config_lib.check_workdir_compatible(path, config)
+
+
 def test_optimizer_schedule_warms_up_then_decays():
     config = default.get_config("digits")
     _, schedule = step.make_optimizer(config)

@@ -187,6 +187,43 @@ def collapse_weight(suite: str) -> dict:
             **{f"mi_cw{w}": _mi(collapse_weight=w) for w in (0.5, 0.25)}}
 
 
+def distill(suite: str) -> dict:
+    """Self-distillation without the pattern controller's cost on digits and hetero (issue 13:
+    pattern + distillation at weight 1 closed synthetic's 3000-step gap to ModDrop on valid but
+    cost 1-2 points on the other two; results/selection/*_modalimmune_now.md). The distillation
+    on the modality controller, at a third of the weight, in both directions of the KL
+    (``soft``: the clean prediction as the collapsed branch's soft target) and at temperatures
+    2 and 4. ModDrop beside it. results/selection/*_distill.md; none paid on every dataset."""
+    del suite
+    return {"moddrop": {"method": "moddrop"}, "modalimmune": _mi(),
+            "mi_distill1": _mi(distill_weight=1.0), "mi_distill0.3": _mi(distill_weight=0.3),
+            "mi_soft1": _mi(distill_weight=1.0, distill_kl="clean_collapsed"),
+            "mi_soft0.3": _mi(distill_weight=0.3, distill_kl="clean_collapsed"),
+            "mi_pattern_soft1": _mi(controller_mode="pattern", uniform=0.2, distill_weight=1.0,
+                                    distill_kl="clean_collapsed"),
+            # A confident clean prediction puts log-ratios of 10+ nats into KL(collapsed ||
+            # clean) (3-7 nats logged on synthetic and hetero): the temperature bounds them.
+            "mi_distill1_t2": _mi(distill_weight=1.0, distill_temperature=2.0),
+            "mi_distill1_t4": _mi(distill_weight=1.0, distill_temperature=4.0),
+            "mi_distill0.3_t4": _mi(distill_weight=0.3, distill_temperature=4.0)}
+
+
+def distill_pick(suite: str) -> dict:
+    """The `distill` set's best form at two weights, beside ModDrop and today's default
+    (results/selection/*_distill_pick.md; synthetic at 600 steps too)."""
+    d = distill(suite)
+    return {**{k: d[k] for k in ("moddrop", "modalimmune", "mi_distill1_t2")},
+            "mi_distill0.5_t2": _mi(distill_weight=0.5, distill_temperature=2.0)}
+
+
+def distill_budget(suite: str) -> dict:
+    """One knob with two values for each of ModDrop (p) and ModalImmune (distillation off, or
+    at weight 1 and T 2), chosen per dataset on valid: the same tuning budget for both
+    (results/selection/*_distill_budget.md; docs/formulation.md)."""
+    return {**{k: methods(suite)[k] for k in ("moddrop", "moddrop_p0.5", "modalimmune")},
+            "mi_distill1_t2": distill(suite)["mi_distill1_t2"]}
+
+
 def first_look(suite: str) -> dict:
     """The baselines and ModalImmune's variants in one sweep."""
     return {**methods(suite), **modalimmune(suite)}
@@ -195,4 +232,6 @@ def first_look(suite: str) -> dict:
 SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every_pattern,
           "first_look": first_look, "oracle": oracle, "contenders": contenders,
           "stress": stress, "meta_params": meta_params,
-          "defaults": defaults, "meta_cadence": meta_cadence, "collapse_weight": collapse_weight}
+          "defaults": defaults, "meta_cadence": meta_cadence, "collapse_weight": collapse_weight,
+          "distill": distill, "distill_pick": distill_pick,
+          "distill_budget": distill_budget}

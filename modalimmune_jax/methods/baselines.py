@@ -61,18 +61,24 @@ def make_moddrop_loss(apply_fns, *, info, config):
     return loss_fn
 
 
-def prediction_divergence(preds, reference, *, task):
+def prediction_divergence(preds, reference, *, task, reference_first=False, temperature=1.0):
     """Per-example divergence of `preds` from `reference` (no gradient to `reference`): ``[B]``.
 
-    ``KL(q ‖ p)`` with q = softmax(preds) and p = softmax(reference) for classification (averaged
-    over the K emotions for multilabel); squared error for regression.
+    ``KL(q ‖ p)`` with q = softmax(preds / T) and p = softmax(reference / T) for classification
+    (averaged over the K emotions for multilabel), times ``T²`` so that the gradient keeps its
+    scale (Hinton et al., 2015); ``KL(p ‖ q)`` with ``reference_first``, i.e. the reference's
+    distribution as a soft target (a cross-entropy less p's entropy). Squared error for
+    regression, whatever the direction and T. ``preds``, ``reference``: ``[B, C]``
+    (``[B, K, C]`` multilabel, ``[B]`` regression) logits, float32.
     """
     reference = jax.lax.stop_gradient(reference)
     if task == "regression":
         return jnp.square(preds - reference)
-    log_q = jax.nn.log_softmax(preds, axis=-1)
-    log_p = jax.nn.log_softmax(reference, axis=-1)
-    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    log_q = jax.nn.log_softmax(preds / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(reference / temperature, axis=-1)
+    if reference_first:
+        log_q, log_p = log_p, log_q
+    kl = temperature**2 * jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
     return kl.mean(axis=-1) if task == "multilabel" else kl
 
 

@@ -19,7 +19,9 @@ runs beside it on its steps:
    The loss is ``L = L_task(clean) + w_col L_task(collapsed) + λ_c R + λ_r L_rec``: the clean task
    term keeps full-modality accuracy, ``R`` is the collapse regularizer between the clean and the
    collapsed joint representation (clean side stop-gradient), and ``L_rec`` reconstructs every
-   modality from the collapsed ``h``. The *destructive* part is ``w_col L_task(collapsed) + λ_c R``.
+   modality from the collapsed ``h``. The *destructive* part is ``w_col L_task(collapsed) + λ_c R``
+   (+ ``w_d KL(collapsed ‖ clean)`` at temperature ``mi.distill_temperature``, with
+   ``mi.distill_weight`` > 0; off by default, docs/formulation.md).
 3. **Curvature** (§3.3, `curvature_step`): both gradients come from one vjp with two cotangents;
    the Hessian diagonal of the clean task loss (Hutchinson, refreshed every ``curv_every`` steps
    into an EMA) goes with the destructive gradient to the method's ``transform``,
@@ -327,7 +329,10 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             rows = jnp.max(target, axis=1)  # [B]
             hit_mean = lambda v: jnp.sum(rows * v) / jnp.maximum(jnp.sum(rows), 1.0)
             task = hit_mean(task_losses(preds_col, batch))
-            distill = (hit_mean(prediction_divergence(preds_col, preds_clean, task=info.task))
+            distill = (hit_mean(prediction_divergence(
+                preds_col, preds_clean, task=info.task,
+                reference_first=mi.distill_kl == "clean_collapsed",
+                temperature=mi.distill_temperature))
                        if mi.distill_weight else jnp.zeros([]))
             rec = jnp.mean(losses.reconstruction_loss(apply_fns.reconstruct(params, h_col),
                                                       losses.pooled_features(batch, mods),

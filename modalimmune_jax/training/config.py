@@ -19,6 +19,9 @@ RESUMABLE_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints", "dataset.data_dir", "dataset.worker_count",
                     "eval.batch_size", "eval.protocol", "eval.split", "preset", "profile_steps",
                     "prefetch_batches")
+# Fields added after runs were already written -> the value that reproduces those runs. A saved
+# config without the field resumes if the field has that value now.
+ADDED_FIELDS = {"mi.distill_kl": "collapsed_clean", "mi.distill_temperature": 1.0}
 # Config fields that name a file or folder: resolved to absolute paths at the CLI boundary.
 PATH_FIELDS = ("dataset.path", "dataset.data_dir")
 # Old name -> new name. The old name keeps working for one release, with a warning.
@@ -153,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
             ("mi.strength_spread", 0, 1, False, False),
             ("mi.tau", 0, None, True, False), ("mi.reg_weight", 0, None, True, False),
             ("mi.damping", 0, None, False, False), ("mi.meta_lr", 0, None, False, False),
+            ("mi.distill_temperature", 0, None, True, False),
             ("loss.reconstruction", 0, None, True, False)):
         _in_range(config, name, lo, hi, lo_open=lo_open, hi_open=hi_open)
     _as_config_error(methods_lib.check_config, config)  # each method's block (CONFIG_CHECKS)
@@ -163,6 +167,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
         _positive_int(config, name)
     _one_of(config, "mi.anchor", ("null", "mean"))
     _one_of(config, "mi.controller_mode", ("modality", "pattern"))
+    _one_of(config, "mi.distill_kl", ("collapsed_clean", "clean_collapsed"))
     _one_of(config, "mi.mask_mode", ("hard", "soft"))
     for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps", "prefetch_batches"):
         value = get_field(config, name)
@@ -209,6 +214,7 @@ def check_workdir_compatible(config_path: str, config: ml_collections.ConfigDict
         raise ConfigError(f"{config_path}: cannot read the saved config ({e}); "
                           "use a fresh --workdir") from None
     old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+    old = {**ADDED_FIELDS, **old}
     diffs = [k for k in sorted(set(old) | set(new))
              if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
     if diffs:

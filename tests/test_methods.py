@@ -219,7 +219,8 @@ def _recording_fns(graphdef, records):
 
 
 @pytest.mark.parametrize("direction,temperature", [("collapsed_clean", 1.0),
-                                                   ("clean_collapsed", 2.0)])
+                                                   ("clean_collapsed", 2.0),
+                                                   ("collapsed_uniform", 1.0)])
 def test_distillation_is_the_hand_computed_kl_on_the_hit_examples(direction, temperature):
     """mi.distill_weight / distill_kl / distill_temperature against a numpy KL of the two
     branches' recorded logits, averaged over the examples that lost a modality, and its weight
@@ -249,6 +250,8 @@ def test_distillation_is_the_hand_computed_kl_on_the_hit_examples(direction, tem
     rows = (hit_mask == 0).any(axis=1)
     assert 0 < rows.sum() < 16
     log_softmax = lambda x: x / temperature - np.log(np.exp(x / temperature).sum(-1, keepdims=True))
+    if direction == "collapsed_uniform":
+        clean = np.zeros_like(clean)  # the uniform prediction
     log_q, log_p = log_softmax(col), log_softmax(clean.astype(np.float64))
     if direction == "clean_collapsed":
         log_q, log_p = log_p, log_q

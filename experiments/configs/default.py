@@ -200,15 +200,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "collapsed_clean" is KL(collapsed prediction || clean prediction), mode-seeking, with an
     # entropy bonus for the collapsed prediction; "clean_collapsed" is KL(clean || collapsed),
     # the clean prediction as a soft target, whose minimiser over the data is the clean
-    # prediction averaged over what the removed modalities could have been. Both predictions'
-    # logits are divided by the temperature, the KL multiplied by its square.
+    # prediction averaged over what the removed modalities could have been; "collapsed_uniform"
+    # is KL(collapsed || uniform), a confidence penalty on the collapsed prediction (no teacher).
+    # Both predictions' logits are divided by the temperature, the KL multiplied by its square.
     # Off, chosen on VALID (results/selection/*_distill.md, *_distill_pick.md; 3 seeds, missing
     # Avg zero / mask against off): KL(collapsed || clean) at weight 1, T 2: +3.3 / +3.2 on
     # synthetic at 3000 steps (75.8 / 76.0, ModDrop 74.9 / 75.0), +0.1 / +0.1 at 600, but
     # -0.7 / -0.6 on digits and -1.6 / -1.7 on the hetero npz (full accuracy 97.0 against
     # 98.3); at T 1: +2.7 / +3.3, -1.8 / -2.1, -0.4 / -0.5; weight 0.5 at T 2: +2.7 / +3.1,
     # -0.6 / -0.8, -1.3 / -1.2; T 4 costs more everywhere. The soft-target direction
-    # ("clean_collapsed", weight 1): +1.6 / +1.3, -0.4 / -0.3, -0.3 / -0.2.
+    # ("clean_collapsed", weight 1): +1.6 / +1.3, -0.4 / -0.3, -0.3 / -0.2. The confidence
+    # penalty ("collapsed_uniform", results/selection/*_confidence.md) at weight 0.1: +0.4 /
+    # +0.3, -0.4 / -0.2, +0.5 / +0.2; at 0.3: +0.1 / -0.1, -0.5 / +0.0, +0.5 / +0.4.
     config.mi.distill_weight = 0.0
     config.mi.distill_kl = "collapsed_clean"
     config.mi.distill_temperature = 1.0

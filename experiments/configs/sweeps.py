@@ -208,6 +208,16 @@ def distill(suite: str) -> dict:
             "mi_distill0.3_t4": _mi(distill_weight=0.3, distill_temperature=4.0)}
 
 
+def confidence(suite: str) -> dict:
+    """Is the entropy term of KL(collapsed || clean) what pays on synthetic (the `distill` set's
+    finding)? KL(collapsed || uniform), a confidence penalty with no teacher, at two weights.
+    results/selection/*_confidence.md."""
+    del suite
+    return {"moddrop": {"method": "moddrop"}, "modalimmune": _mi(),
+            **{f"mi_conf{w}": _mi(distill_weight=w, distill_kl="collapsed_uniform")
+               for w in (0.1, 0.3)}}
+
+
 def distill_pick(suite: str) -> dict:
     """The `distill` set's best form at two weights, beside ModDrop and today's default
     (results/selection/*_distill_pick.md; synthetic at 600 steps too)."""
@@ -234,4 +244,4 @@ SWEEPS = {"methods": methods, "modalimmune": modalimmune, "every_pattern": every
           "stress": stress, "meta_params": meta_params,
           "defaults": defaults, "meta_cadence": meta_cadence, "collapse_weight": collapse_weight,
           "distill": distill, "distill_pick": distill_pick,
-          "distill_budget": distill_budget}
+          "distill_budget": distill_budget, "confidence": confidence}

@@ -329,8 +329,12 @@ def make_modalimmune(apply_fns, *, info, config) -> Method:
             rows = jnp.max(target, axis=1)  # [B]
             hit_mean = lambda v: jnp.sum(rows * v) / jnp.maximum(jnp.sum(rows), 1.0)
             task = hit_mean(task_losses(preds_col, batch))
+            # "collapsed_uniform": KL to the uniform prediction (zero logits), a confidence
+            # penalty on the collapsed branch (Pereyra et al., 2017) without a teacher.
+            reference = (jnp.zeros_like(preds_col) if mi.distill_kl == "collapsed_uniform"
+                         else preds_clean)
             distill = (hit_mean(prediction_divergence(
-                preds_col, preds_clean, task=info.task,
+                preds_col, reference, task=info.task,
                 reference_first=mi.distill_kl == "clean_collapsed",
                 temperature=mi.distill_temperature))
                        if mi.distill_weight else jnp.zeros([]))

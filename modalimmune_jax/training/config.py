@@ -167,7 +167,7 @@ def validate_config(config: ml_collections.ConfigDict, *, methods) -> None:
         _positive_int(config, name)
     _one_of(config, "mi.anchor", ("null", "mean"))
     _one_of(config, "mi.controller_mode", ("modality", "pattern"))
-    _one_of(config, "mi.distill_kl", ("collapsed_clean", "clean_collapsed"))
+    _one_of(config, "mi.distill_kl", ("collapsed_clean", "clean_collapsed", "collapsed_uniform"))
     _one_of(config, "mi.mask_mode", ("hard", "soft"))
     for name in ("mi.neumann_terms", "dataset.max_len", "profile_steps", "prefetch_batches"):
         value = get_field(config, name)

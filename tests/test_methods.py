@@ -206,14 +206,18 @@ def test_null_embeddings_equal_the_full_zero_filled_pass(encoder, batch_size):
     chex.assert_trees_all_close(g_ours, g_full, atol=1e-5, rtol=1e-5)
 
 
-def _recording_fns(graphdef, records):
-    """ApplyFns whose `head` records the presence mask it is given (a seam for the tests)."""
+def _recording_fns(graphdef, records, *, preds=False):
+    """ApplyFns whose `head` records the presence mask it is given, or with `preds` the pair
+    ``(mask, logits)`` (a seam for the tests)."""
     fns = make_apply_fns(graphdef)
 
     def head(params, z, mask, **kwargs):
+        h, out = fns.head(params, z, mask, **kwargs)
         # Ordered: the clean branch's call comes first, then the collapsed branch's.
-        jax.debug.callback(lambda m: records.append(np.asarray(m)), mask, ordered=True)
-        return fns.head(params, z, mask, **kwargs)
+        record = ((lambda m, p: records.append((np.asarray(m), np.asarray(p)))) if preds
+                  else (lambda m, p: records.append(np.asarray(m))))
+        jax.debug.callback(record, mask, out, ordered=True)
+        return h, out
 
     return ApplyFns(encode=fns.encode, head=head, reconstruct=fns.reconstruct, apply=fns.apply)
 
@@ -231,17 +235,9 @@ def test_distillation_is_the_hand_computed_kl_on_the_hit_examples(direction, tem
         config.mi.update({"controller": False, "curvature": False, "meta": False,
                           "regularizer": False, "p_clean": 0.3, "distill_weight": 0.5,
                           "distill_kl": direction, "distill_temperature": temperature})
-    fns, records = make_apply_fns(graphdef), []
-
-    def head(params, z, mask, **kwargs):
-        h, preds = fns.head(params, z, mask, **kwargs)
-        jax.debug.callback(lambda m, p: records.append((np.asarray(m), np.asarray(p))), mask,
-                           preds, ordered=True)
-        return h, preds
-
-    method = make_method("modalimmune", ApplyFns(encode=fns.encode, head=head,
-                                                 reconstruct=fns.reconstruct, apply=fns.apply),
-                         info=info, config=config)
+    records = []
+    method = make_method("modalimmune", _recording_fns(graphdef, records, preds=True), info=info,
+                         config=config)
     _, _, meas, _ = jax.block_until_ready(jax.jit(
         lambda p, s, b, k: method.grads(p, s, b, k, step=jnp.int32(1), meta_batch=b))(
             params, method.init(params), batch, jax.random.key(3)))
@@ -249,7 +245,10 @@ def test_distillation_is_the_hand_computed_kl_on_the_hit_examples(direction, tem
     hit_mask, col = hit_mask.reshape(16, 3), col.reshape(16, 3).astype(np.float64)
     rows = (hit_mask == 0).any(axis=1)
     assert 0 < rows.sum() < 16
-    log_softmax = lambda x: x / temperature - np.log(np.exp(x / temperature).sum(-1, keepdims=True))
+    def log_softmax(x):
+        x = x / temperature
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
     if direction == "collapsed_uniform":
         clean = np.zeros_like(clean)  # the uniform prediction
     log_q, log_p = log_softmax(col), log_softmax(clean.astype(np.float64))

@@ -126,7 +126,8 @@ def test_a_field_added_later_resumes_at_the_value_of_the_runs_before_it(tmp_path
     config_lib.check_workdir_compatible(path, config)  # "collapsed_clean": those runs' behaviour
     with config.unlocked():
         config.mi.distill_kl = "clean_collapsed"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.mi\.distill_kl was 'collapsed_clean'"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config\.mi\.distill_kl was 'collapsed_clean'"):
         config_lib.check_workdir_compatible(path, config)
 
 

@@ -20,8 +20,9 @@ runs beside it on its steps:
    term keeps full-modality accuracy, ``R`` is the collapse regularizer between the clean and the
    collapsed joint representation (clean side stop-gradient), and ``L_rec`` reconstructs every
    modality from the collapsed ``h``. The *destructive* part is ``w_col L_task(collapsed) + λ_c R``
-   (+ ``w_d KL(collapsed ‖ clean)`` at temperature ``mi.distill_temperature``, with
-   ``mi.distill_weight`` > 0; off by default, docs/formulation.md).
+   (+ ``w_d KL(collapsed ‖ clean)``, or the form ``mi.distill_kl`` names, at temperature
+   ``mi.distill_temperature``, with ``mi.distill_weight`` > 0; off by default,
+   docs/formulation.md).
 3. **Curvature** (§3.3, `curvature_step`): both gradients come from one vjp with two cotangents;
    the Hessian diagonal of the clean task loss (Hutchinson, refreshed every ``curv_every`` steps
    into an EMA) goes with the destructive gradient to the method's ``transform``,

@@ -209,7 +209,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # -0.7 / -0.6 on digits and -1.6 / -1.7 on the hetero npz (full accuracy 97.0 against
     # 98.3); at T 1: +2.7 / +3.3, -1.8 / -2.1, -0.4 / -0.5; weight 0.5 at T 2: +2.7 / +3.1,
     # -0.6 / -0.8, -1.3 / -1.2; T 4 costs more everywhere. The soft-target direction
-    # ("clean_collapsed", weight 1): +1.6 / +1.3, -0.4 / -0.3, -0.3 / -0.2. The confidence
+    # ("clean_collapsed", weight 1): +1.6 / +1.3, -0.4 / -0.3, -0.3 / -0.2; at T 2: +1.8 /
+    # +1.8, -0.7 / -0.5, +0.3 / +0.0. The confidence
     # penalty ("collapsed_uniform", results/selection/*_confidence.md) at weight 0.1: +0.4 /
     # +0.3, -0.4 / -0.2, +0.5 / +0.2; at 0.3: +0.1 / -0.1, -0.5 / +0.0, +0.5 / +0.4.
     config.mi.distill_weight = 0.0

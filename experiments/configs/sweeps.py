@@ -193,7 +193,8 @@ def distill(suite: str) -> dict:
     cost 1-2 points on the other two; results/selection/*_modalimmune_now.md). The distillation
     on the modality controller, at a third of the weight, in both directions of the KL
     (``soft``: the clean prediction as the collapsed branch's soft target) and at temperatures
-    2 and 4. ModDrop beside it. results/selection/*_distill.md; none paid on every dataset."""
+    2 and 4 (the soft target at 2: knowledge distillation as in Hinton et al.). ModDrop beside
+    it. results/selection/*_distill.md; none paid on every dataset."""
     del suite
     return {"moddrop": {"method": "moddrop"}, "modalimmune": _mi(),
             "mi_distill1": _mi(distill_weight=1.0), "mi_distill0.3": _mi(distill_weight=0.3),
@@ -205,7 +206,10 @@ def distill(suite: str) -> dict:
             # clean) (3-7 nats logged on synthetic and hetero): the temperature bounds them.
             "mi_distill1_t2": _mi(distill_weight=1.0, distill_temperature=2.0),
             "mi_distill1_t4": _mi(distill_weight=1.0, distill_temperature=4.0),
-            "mi_distill0.3_t4": _mi(distill_weight=0.3, distill_temperature=4.0)}
+            "mi_distill0.3_t4": _mi(distill_weight=0.3, distill_temperature=4.0),
+            # The textbook knowledge distillation: the soft target at a temperature.
+            "mi_soft1_t2": _mi(distill_weight=1.0, distill_kl="clean_collapsed",
+                               distill_temperature=2.0)}
 
 
 def confidence(suite: str) -> dict:
